@@ -1,0 +1,8 @@
+"""trl_ext: recent RL and distillation methods as drop-in `trl.GRPOTrainer` subclasses."""
+
+from . import _compat  # noqa: F401  (fails early with a clear message on an unsupported TRL version)
+from .gndpo import GNDPOConfig, GNDPOTrainer
+
+__version__ = "0.1.0"
+
+__all__ = ["GNDPOConfig", "GNDPOTrainer", "__version__"]

@@ -1,0 +1,131 @@
+"""The one seam between trl_ext and TRL's private API.
+
+TRL rewrites GRPOTrainer often; every private method, helper or dict key we rely on is named here,
+so a TRL upgrade breaks in one place and `tests/test_compat.py` says exactly what moved.
+
+What we rely on (TRL 1.16):
+- `GRPOTrainer._generate_and_score_completions(inputs) -> dict`: `trl_ext.core.ExtGRPOTrainer` overrides it,
+  calls `super()` and post-processes the dict (the post-rollout hook). The keys we read or write are listed in `ROLLOUT_KEYS`.
+- `GRPOTrainer._calculate_rewards(inputs, prompts, completions, completion_ids_list) -> (N, F) tensor`
+  gathered over processes: overridden (with `super()`) to keep the raw rewards for the post-rollout hook.
+- `GRPOTrainer._compute_loss(model, inputs) -> loss`: overridden; `super()._compute_loss` gets modified inputs
+  (the loss-inputs hook).
+- `GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
+  ...) -> (logps, entropies, aux_loss)`: we call it to score completions with the student and the teacher.
+- helpers from `trl.trainer.utils` / `trl.models`: model loading, the fused LM head, DeepSpeed/FSDP preparation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+import torch
+from packaging.version import Version
+
+SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))  # [min, max)
+TRL_VERSION = Version(version("trl"))
+
+
+def check_trl_version() -> None:
+    """Fail at import with a clear message when the installed TRL is outside the supported range."""
+    low, high = SUPPORTED_TRL
+    if not (low <= TRL_VERSION < high):
+        raise ImportError(
+            f"trl_ext supports trl>={low},<{high} because it builds on GRPOTrainer's private methods, but trl=="
+            f"{TRL_VERSION} is installed. Install a supported version: pip install 'trl>={low},<{high}'."
+        )
+
+
+check_trl_version()
+
+from trl import GRPOTrainer  # noqa: E402
+from trl.models import prepare_deepspeed, prepare_fsdp  # noqa: E402,F401
+from trl.trainer.utils import (  # noqa: E402,F401
+    add_fused_lm_head,
+    create_model_from_path,
+    get_config_model_id,
+)
+
+# Keys of the dict returned by `_generate_and_score_completions` that trl_ext reads or writes.
+ROLLOUT_KEYS = {
+    "prompt_ids": "(B, P) left-padded prompt token ids",
+    "prompt_mask": "(B, P) prompt attention mask",
+    "completion_ids": "(B, T) right-padded completion token ids",
+    "completion_mask": "(B, T) completion mask (1 on real tokens, 0 on padding)",
+    "advantages": "(B,) from TRL; the loss also accepts (B, T)",
+    "num_items_in_batch": "0-dim global count of loss tokens in the generation batch",
+}
+# Optional keys: present only in some configurations.
+OPTIONAL_ROLLOUT_KEYS = ("old_per_token_logps", "tool_mask", "ref_per_token_logps", "sampling_per_token_logps")
+# Multimodal keys the model forward needs besides input ids and attention mask.
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+    "num_images",
+    "num_tiles",
+)
+
+# Parameter names of the private methods we override or call; the contract test compares them to TRL's.
+PRIVATE_SIGNATURES = {
+    "_generate_and_score_completions": ["self", "inputs"],
+    "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+    "_compute_loss": ["self", "model", "inputs"],
+    "_get_per_token_logps_and_entropies": [
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+        "compute_aux_loss",
+    ],
+}
+
+
+def signature_mismatches() -> list[str]:
+    """Describe each private method whose leading parameters differ from what trl_ext was written against."""
+    problems = []
+    for name, expected in PRIVATE_SIGNATURES.items():
+        method = getattr(GRPOTrainer, name, None)
+        if method is None:
+            problems.append(f"GRPOTrainer.{name} no longer exists")
+            continue
+        actual = list(inspect.signature(method).parameters)[: len(expected)]
+        if actual != expected:
+            problems.append(f"GRPOTrainer.{name}{tuple(actual)} != expected {tuple(expected)}")
+    return problems
+
+
+def completion_loss_mask(rollout: dict) -> torch.Tensor:
+    """The tokens the loss trains on: completion tokens that are not tool output (TRL: completion_mask * tool_mask)."""
+    mask = rollout["completion_mask"]
+    if rollout.get("tool_mask") is not None:
+        mask = mask * rollout["tool_mask"]
+    return mask
+
+
+def per_token_logps(trainer: GRPOTrainer, model, rollout: dict, batch_size: int | None = None) -> torch.Tensor:
+    """Log-probs of the sampled completion tokens under `model`, through TRL's fused-head scorer.
+
+    `model` must carry TRL's fused LM head (`add_fused_lm_head`); the temperature is the one the head was built with.
+    """
+    input_ids = torch.cat([rollout["prompt_ids"], rollout["completion_ids"]], dim=1)
+    attention_mask = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
+    multimodal = {key: rollout[key] for key in MULTIMODAL_KEYS if rollout.get(key) is not None}
+    logps, _entropies, _aux = trainer._get_per_token_logps_and_entropies(
+        model,
+        input_ids,
+        attention_mask,
+        rollout["completion_ids"].size(1),
+        batch_size=batch_size,
+        **multimodal,
+    )
+    return logps

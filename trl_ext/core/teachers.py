@@ -1,0 +1,83 @@
+"""Frozen teacher models: loading, vocabulary checks and preparation for every launch mode.
+
+A teacher is given as a Hub id, a local path, or an instantiated `PreTrainedModel`. It is prepared the way
+GRPOTrainer prepares its reference model: sharded with DeepSpeed ZeRO-3 or FSDP when those are on,
+otherwise placed on the device without a DDP wrapper. It never trains: gradients off, eval mode, dropout off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PreTrainedModel
+
+from .. import _compat
+
+
+def vocab_size_of(model_or_path: str | PreTrainedModel, trust_remote_code: bool = False) -> int:
+    """Size of the output vocabulary, read from the config (no weights are loaded for a path)."""
+    if isinstance(model_or_path, str):
+        config = AutoConfig.from_pretrained(model_or_path, trust_remote_code=trust_remote_code)
+    else:
+        embeddings = model_or_path.get_output_embeddings()
+        if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+            return int(embeddings.weight.shape[0])
+        config = model_or_path.config
+    return int(config.get_text_config().vocab_size)
+
+
+def check_same_vocabulary(student_size: int, teacher_size: int, teacher_name: str = "teacher") -> None:
+    """Token-level distillation compares log-probs of the same token ids: the vocabularies must match."""
+    if student_size != teacher_size:
+        raise ValueError(
+            f"The {teacher_name} has a vocabulary of {teacher_size} tokens but the student has {student_size}. "
+            "Token-level distillation scores the student's sampled token ids under the teacher, so both must use "
+            "the same tokenizer and vocabulary size. Choose a teacher from the student's model family (or resize "
+            "the embeddings so both match)."
+        )
+
+
+def teacher_display_name(teacher: str | PreTrainedModel) -> str:
+    if isinstance(teacher, str):
+        return teacher
+    return _compat.get_config_model_id(teacher.config) or type(teacher).__name__
+
+
+def load_teacher(teacher: str | PreTrainedModel, init_kwargs: dict[str, Any] | None, args) -> PreTrainedModel:
+    """Instantiate a teacher from an id/path (with `init_kwargs`) or take the given instance, and freeze it."""
+    if isinstance(teacher, str):
+        kwargs = dict(init_kwargs or {})
+        # Multi-process training needs device_map=None ("auto" would spread one copy over all GPUs).
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP"):
+            kwargs["device_map"] = None
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        model = _compat.create_model_from_path(teacher, **kwargs)
+    elif isinstance(teacher, PreTrainedModel):
+        if init_kwargs:
+            raise ValueError(
+                "`teacher_model_init_kwargs` only applies when the teacher is loaded from an id or a path, but an "
+                "instantiated teacher model was passed. Remove `teacher_model_init_kwargs`, or pass the teacher's "
+                "path instead of the model."
+            )
+        model = teacher
+    else:
+        raise TypeError(
+            f"A teacher must be a model id, a local path or a transformers PreTrainedModel, got {type(teacher)!r}."
+        )
+    model.requires_grad_(False)
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def prepare_teacher(model: PreTrainedModel, trainer, temperature: float) -> torch.nn.Module:
+    """Attach TRL's fused log-prob head and place/shard the teacher like GRPOTrainer's reference model."""
+    _compat.add_fused_lm_head(model, temperature=temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
+    if trainer.is_deepspeed_enabled:
+        return _compat.prepare_deepspeed(model, trainer.accelerator)
+    if trainer.is_fsdp_enabled:
+        return _compat.prepare_fsdp(model, trainer.accelerator)
+    return trainer.accelerator.prepare_model(model, evaluation_mode=True)

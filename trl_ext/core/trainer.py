@@ -1,0 +1,126 @@
+"""The shared base of every trl_ext trainer: GRPOTrainer plus three hooks.
+
+    TRL rollout (generation, rewards, group advantages)
+      -> _postprocess_rollout(inputs, rollout)   once per generation batch, every process, whole groups
+      -> TRL shuffle + micro-batching
+      -> _prepare_loss_inputs(inputs)            once per micro-batch
+      -> super()._compute_loss                   TRL's loss, every loss_type, metrics
+      -> optimizer step                          callbacks (step-size multipliers, EMA teachers, resets)
+
+Nothing of TRL's logic is copied: each override calls `super()` and post-processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from .. import _compat
+from .model_card import render_model_card
+from .stats import accelerator_reduce_sum
+
+
+def zero_reward(completions, **kwargs) -> list[float]:
+    """Placeholder reward for distillation without reward functions: GRPOTrainer needs one reward source.
+
+    A constant reward gives every group a zero reward advantage, so it never moves the policy.
+    """
+    return [0.0] * len(completions)
+
+
+class ExtGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer with trl_ext's hooks, global statistics, metric helpers and model-card rendering.
+
+    Subclasses set `_name`, `_paper`, `_tag_names`, `_metric_prefix` and `_card_template`, and override the hooks.
+    """
+
+    _metric_prefix = "ext"
+    _card_template: str | None = None  # file name in model_cards/
+
+    def __init__(self, *args, **kwargs):
+        self._rollout_rewards: torch.Tensor | None = None
+        super().__init__(*args, **kwargs)
+        # One all-reduce turns per-process moments into statistics of the whole generation batch.
+        self.reduce_sum = accelerator_reduce_sum(self.accelerator)
+
+    # ----- hooks ---------------------------------------------------------------------------------------------
+    def _postprocess_rollout(self, inputs: list[dict[str, Any]], rollout: dict[str, Any]) -> dict[str, Any]:
+        """Change the rollout before it is shuffled and split into micro-batches (default: unchanged).
+
+        `inputs` are this process's dataset rows, `rollout` the dict TRL's loss will receive, and
+        `self.rollout_rewards` the (N, num_reward_funcs) rewards of the whole generation batch (all processes).
+        Anything derived from groups or from batch statistics must be written back as per-row tensors.
+        """
+        return rollout
+
+    def _prepare_loss_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Change one micro-batch just before TRL's loss (default: unchanged)."""
+        return inputs
+
+    # ----- TRL overrides (all call super) --------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rollout_rewards = rewards
+        return rewards
+
+    def _generate_and_score_completions(self, inputs):
+        rollout = super()._generate_and_score_completions(inputs)
+        return self._postprocess_rollout(inputs, rollout)
+
+    def _compute_loss(self, model, inputs):
+        return super()._compute_loss(model, self._prepare_loss_inputs(inputs))
+
+    # ----- helpers for subclasses ----------------------------------------------------------------------------
+    @property
+    def rollout_rewards(self) -> torch.Tensor | None:
+        """Rewards of the current generation batch, (N_global, num_reward_funcs), gathered over processes."""
+        return self._rollout_rewards
+
+    @property
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def log_metric(self, name: str, value: float | torch.Tensor) -> None:
+        """Record `<prefix>/<name>` through TRL's metric machinery (averaged per logging step, every backend).
+
+        Call it with values that are already global (identical on every process), as TRL does.
+        """
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        self._metrics[self._mode][f"{self._metric_prefix}/{name}"].append(float(value))
+
+    def loss_mask(self, rollout: dict[str, Any]) -> torch.Tensor:
+        return _compat.completion_loss_mask(rollout)
+
+    @torch.no_grad()
+    def score_completions(self, model, rollout: dict[str, Any]) -> torch.Tensor:
+        """(B, T) log-probs of the sampled completion tokens under `model` (no gradient)."""
+        # The same chunking TRL uses for its own scoring passes.
+        if self._mode == "train":
+            batch_size = self.args.per_device_train_batch_size
+        else:
+            batch_size = self.args.per_device_eval_batch_size
+        return _compat.per_token_logps(self, model, rollout, batch_size=batch_size)
+
+    @torch.no_grad()
+    def student_logps(self, rollout: dict[str, Any]) -> torch.Tensor:
+        """The policy's log-probs of its own samples before the update (pi_theta_old).
+
+        Reuses TRL's `old_per_token_logps` when it computed them; otherwise runs one no-grad forward pass.
+        """
+        old = rollout.get("old_per_token_logps")
+        if old is not None:
+            return old
+        return self.score_completions(self.model, rollout)
+
+    # ----- model card ----------------------------------------------------------------------------------------
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        if self._card_template is None:
+            return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return None
+        card = render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
+        card.save(f"{self.args.output_dir}/README.md")
+        return card

@@ -1,0 +1,138 @@
+"""Tiny pretrained models for the demo world, trained once with TRL's SFTTrainer and cached on disk.
+
+A `Pretraining` recipe names everything that determines the weights (tasks, steps, seed, architecture, ...);
+its hash is the cache key, so a model is built once per recipe and machine and reused by every test, example
+and benchmark. Later methods add recipes, not machinery: a teacher good at another task, a teacher that is
+confidently wrong on some inputs (`corrupt_fraction`), or a model that reads a worked solution in its prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, concatenate_datasets
+from filelock import FileLock
+
+from .models import TinyArchitecture, build_model
+from .tasks import get_task
+from .tokenizer import build_tokenizer
+
+DEMO_VERSION = 1  # bump when the tokenizer, tasks or training code change what a recipe produces
+
+
+def cache_root() -> Path:
+    """`$TRL_EXT_CACHE`, else `$XDG_CACHE_HOME/trl_ext`, else `~/.cache/trl_ext`."""
+    if os.environ.get("TRL_EXT_CACHE"):
+        return Path(os.environ["TRL_EXT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trl_ext"
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    """A recipe for a tiny pretrained model. `steps=0` gives the untrained (randomly initialised) model."""
+
+    tasks: tuple[str, ...] = ("arithmetic",)
+    steps: int = 300
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+    num_examples: int = 2000
+    seed: int = 0
+    corrupt_fraction: float = 0.0  # share of training answers replaced by a wrong one (an unreliable teacher)
+    architecture: TinyArchitecture = field(default_factory=TinyArchitecture)
+
+    def key(self) -> str:
+        payload = json.dumps({"demo_version": DEMO_VERSION, **asdict(self)}, sort_keys=True)
+        name = "untrained" if self.steps == 0 else "-".join(self.tasks)
+        return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def untrained(seed: int = 0, architecture: TinyArchitecture = TinyArchitecture()) -> Pretraining:
+    return Pretraining(tasks=(), steps=0, seed=seed, architecture=architecture)
+
+
+def pretrained_model(recipe: Pretraining, cache_dir: str | Path | None = None) -> str:
+    """Path of the model (weights + tokenizer) built by `recipe`, training it first if it is not cached.
+
+    Safe under concurrent processes (e.g. two torchrun ranks): one builds, the others wait on a file lock.
+    """
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / recipe.key()
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").is_file():
+            staging = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+            try:
+                _build(recipe, staging)
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def sft_dataset(recipe: Pretraining) -> Dataset:
+    """Prompt-completion rows for the recipe's tasks; a `corrupt_fraction` of answers is replaced by wrong ones."""
+    parts = []
+    for name in recipe.tasks:
+        task = get_task(name)
+        rows = task.dataset(recipe.num_examples, seed=recipe.seed + 10_000)  # disjoint from examples' seeds
+        parts.append(rows)
+    data = concatenate_datasets(parts).shuffle(seed=recipe.seed)
+    rng = random.Random(recipe.seed)
+
+    def to_sft(row):
+        answer = row["answer"]
+        if rng.random() < recipe.corrupt_fraction:
+            answer = _wrong_answer(answer, rng)
+        return {"completion": [{"role": "assistant", "content": answer}]}
+
+    return data.map(to_sft, remove_columns=["task", "answer"])
+
+
+def _wrong_answer(answer: str, rng: random.Random) -> str:
+    if answer.isdigit():
+        return str((int(answer) + rng.randint(1, 9)) % 19)
+    return answer[::-1] if answer != answer[::-1] else answer[1:] + answer[:1]
+
+
+def _build(recipe: Pretraining, out_dir: Path) -> None:
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, recipe.architecture, seed=recipe.seed)
+    if recipe.steps > 0:
+        _sft(model, tokenizer, recipe, out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "trl_ext_recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+
+
+def _sft(model, tokenizer, recipe: Pretraining, out_dir: Path) -> None:
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(out_dir / "sft"),
+        max_steps=recipe.steps,
+        per_device_train_batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(20, recipe.steps // 10),
+        weight_decay=0.0,
+        seed=recipe.seed,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=max(1, recipe.steps // 5),
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(recipe), processing_class=tokenizer)
+    trainer.train()
+    shutil.rmtree(out_dir / "sft", ignore_errors=True)
