@@ -41,6 +41,7 @@ def normalize_scores(
 @dataclass(frozen=True)
 class GNDPOAdvantages:
     advantages: torch.Tensor  # (B, T), zero on masked tokens
+    scores: torch.Tensor  # (B, T) clipped log-ratios before normalization, zero on masked tokens
     score_moments: MaskedMoments  # global mean/std of the clipped scores, before normalization
     clipped_fraction: torch.Tensor  # global fraction of valid tokens whose raw log-ratio was clipped
     reverse_kl: torch.Tensor  # global mean of log pi_old - log pi_T (k1 estimate of KL(student || teacher))
@@ -67,6 +68,7 @@ def gndpo_advantages(
     clipped = (log_ratio.abs() > score_clip).to(mask.dtype)
     return GNDPOAdvantages(
         advantages=advantages,
+        scores=scores,
         score_moments=moments,
         clipped_fraction=masked_moments(clipped, mask, reduce_sum, unbiased=False).mean,
         reverse_kl=masked_moments(-log_ratio, mask, reduce_sum, unbiased=False).mean,

@@ -1,0 +1,68 @@
+"""Shared fixtures: the embedded demo world (built once, cached) and CPU-sized trainer configs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from trl_ext import demo  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def teacher_path() -> str:
+    """The demo teacher (arithmetic, SFT-trained once and cached)."""
+    return demo.teacher_path("arithmetic")
+
+
+@pytest.fixture(scope="session")
+def student_path() -> str:
+    """The demo's weak student."""
+    return demo.student_path("arithmetic")
+
+
+@pytest.fixture(scope="session")
+def other_vocab_path(tmp_path_factory) -> str:
+    """A tiny model whose vocabulary is larger than the demo tokenizer's (for the mismatch error)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("other_vocab")
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def arithmetic_dataset():
+    return demo.get_task("arithmetic").dataset(64, seed=3)
+
+
+def cpu_config(config_cls, output_dir, **overrides):
+    """A config sized for a 2-core CPU test: a couple of fast steps, nothing saved or reported."""
+    settings = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        max_steps=2,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return config_cls(**settings)
