@@ -1,0 +1,56 @@
+"""Contract with TRL's private API: fails loudly, naming the TRL version, when something we rely on moves."""
+
+import pytest
+
+from trl_ext import _compat
+
+
+def test_supported_trl_version():
+    low, high = _compat.SUPPORTED_TRL
+    assert low <= _compat.TRL_VERSION < high, f"trl {_compat.TRL_VERSION} is outside [{low}, {high})"
+
+
+def test_version_guard_message(monkeypatch):
+    from packaging.version import Version
+
+    monkeypatch.setattr(_compat, "TRL_VERSION", Version("1.17.0"))
+    with pytest.raises(ImportError, match=r"trl==1.17.0 is installed"):
+        _compat.check_trl_version()
+
+
+def test_private_method_signatures():
+    problems = _compat.signature_mismatches()
+    assert not problems, f"TRL {_compat.TRL_VERSION} changed private API trl_ext uses: " + "; ".join(problems)
+
+
+def test_private_helpers_exist():
+    for name in ("add_fused_lm_head", "create_model_from_path", "get_config_model_id", "prepare_deepspeed",
+                 "prepare_fsdp"):
+        assert callable(getattr(_compat, name)), f"TRL {_compat.TRL_VERSION}: {name} moved"
+
+
+def test_rollout_dict_keys_and_shapes(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    """Run TRL's real rollout once and check every key the post-rollout hook reads, with its shape."""
+    from conftest import cpu_config
+
+    from trl_ext import GNDPOConfig, GNDPOTrainer
+
+    trainer = GNDPOTrainer(model=student_path, args=cpu_config(GNDPOConfig, tmp_path, max_steps=1),
+                           train_dataset=arithmetic_dataset, teacher_model=teacher_path)
+    seen = {}
+
+    def record(inputs, rollout):
+        seen["keys"] = set(rollout)
+        seen["shapes"] = {k: tuple(v.shape) for k, v in rollout.items() if hasattr(v, "shape")}
+        seen["rewards"] = trainer.rollout_rewards
+        return rollout
+
+    trainer._postprocess_rollout = record
+    trainer.train()
+    missing = set(_compat.ROLLOUT_KEYS) - seen["keys"]
+    assert not missing, f"TRL {_compat.TRL_VERSION}: rollout dict lost keys {missing}"
+    rows, length = seen["shapes"]["completion_ids"]
+    assert seen["shapes"]["advantages"] == (rows,)
+    assert seen["shapes"]["completion_mask"] == (rows, length)
+    assert seen["shapes"]["num_items_in_batch"] == ()
+    assert seen["rewards"].shape == (rows, 1)  # _calculate_rewards returned (N, num_reward_funcs)

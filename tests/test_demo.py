@@ -1,0 +1,94 @@
+"""The embedded offline world: tokenizer, tasks, rewards, cached pretrained models."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trl_ext import demo
+from trl_ext.demo import pretrained as pretrained_module
+
+
+def test_tokenizer_is_character_level_with_chat_template():
+    tokenizer = demo.build_tokenizer()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "rev abc"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|im_start|>user\nrev abc<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer("abc")["input_ids"]
+    assert len(ids) == 3 and tokenizer.decode(ids) == "abc"
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|pad|>"
+    assert tokenizer.padding_side == "left"
+
+
+def test_saved_tokenizer_reloads_with_the_same_ids(student_path):
+    reloaded = AutoTokenizer.from_pretrained(student_path)
+    text = "<|im_start|>user\n12+7=<|im_end|>\n"
+    assert reloaded(text)["input_ids"] == demo.build_tokenizer()(text)["input_ids"]
+
+
+def test_tasks_rewards_by_hand():
+    assert demo.task_reward(["7", " 7 ", "8"], task=["arithmetic"] * 3, answer=["7"] * 3) == [1.0, 1.0, 0.0]
+    # Reversal: per-position accuracy, missing positions count as wrong.
+    assert demo.task_reward(["cba", "cxa", "c"], task=["reversal"] * 3, answer=["cba"] * 3) == [
+        1.0, pytest.approx(2 / 3), pytest.approx(1 / 3)]
+    conversational = [[{"role": "assistant", "content": "cba"}]]
+    assert demo.task_reward(conversational, task=["reversal"], answer=["cba"]) == [1.0]
+
+
+def test_datasets_are_deterministic_and_verifiable():
+    a = demo.get_task("reversal").dataset(20, seed=5)
+    b = demo.get_task("reversal").dataset(20, seed=5)
+    assert a["prompt"] == b["prompt"] and a["answer"] == b["answer"]
+    assert a["prompt"] != demo.get_task("reversal").dataset(20, seed=6)["prompt"]
+    for prompt, answer in zip(a["prompt"], a["answer"]):
+        assert prompt[0]["content"].split()[1][::-1] == answer
+    for prompt, answer in zip(demo.get_task("arithmetic").dataset(20)["prompt"],
+                              demo.get_task("arithmetic").dataset(20)["answer"]):
+        x, y = prompt[0]["content"].rstrip("=").split("+")
+        assert int(x) + int(y) == int(answer)
+    with pytest.raises(ValueError, match="Unknown demo task"):
+        demo.get_task("chess")
+
+
+def sampled_reward(path, task, n=128):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    data = demo.get_task(task).dataset(n, seed=99)
+    prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in data["prompt"]]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    out = model.generate(**batch, max_new_tokens=8, do_sample=True)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(demo.task_reward(texts, task=[task] * n, answer=data["answer"])) / n
+
+
+def test_teacher_is_clearly_better_than_an_untrained_student(teacher_path, tmp_path):
+    untrained = demo.pretrained_model(demo.untrained(seed=3), cache_dir=tmp_path)
+    teacher_reward = sampled_reward(teacher_path, "arithmetic")
+    assert teacher_reward > 0.9
+    assert sampled_reward(untrained, "arithmetic") < 0.1
+    # The demo's weak student sits in between, so distillation has room to improve it.
+    assert 0.1 < sampled_reward(demo.student_path("arithmetic"), "arithmetic") < teacher_reward - 0.3
+
+
+def test_pretrained_models_are_cached_by_recipe(tmp_path, monkeypatch):
+    recipe = demo.Pretraining(tasks=("reversal",), steps=5, batch_size=4, num_examples=16)
+    path = demo.pretrained_model(recipe, cache_dir=tmp_path)
+    assert (tmp_path / recipe.key() / "model.safetensors").is_file()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached recipe was rebuilt")
+
+    monkeypatch.setattr(pretrained_module, "_build", fail)
+    assert demo.pretrained_model(recipe, cache_dir=tmp_path) == path
+    other = demo.Pretraining(tasks=("reversal",), steps=6, batch_size=4, num_examples=16)
+    assert other.key() != recipe.key()
+
+
+def test_corrupted_recipe_has_wrong_answers():
+    rows = pretrained_module.sft_dataset(demo.Pretraining(tasks=("arithmetic",), num_examples=200,
+                                                          corrupt_fraction=0.5))
+    wrong = 0
+    for prompt, completion in zip(rows["prompt"], rows["completion"]):
+        x, y = prompt[0]["content"].rstrip("=").split("+")
+        wrong += int(completion[0]["content"]) != int(x) + int(y)
+    assert 60 < wrong < 140

@@ -1,0 +1,45 @@
+"""A real two-process run (torchrun, gloo on CPU): statistics are global and identical on both ranks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trl_ext.core.stats import masked_moments
+
+SCRIPTS = Path(__file__).parent / "distributed"
+
+
+def torchrun(script: str, *args: str, timeout: int = 300) -> None:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(SCRIPTS / script), *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_share_global_mean_and_std(tmp_path, student_path, teacher_path):
+    # The fixtures build the demo models once, before the two ranks start.
+    torchrun("gndpo_two_ranks.py", str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    assert "MULTI_CPU" in rank0["distributed_type"]
+    assert len(rank0["rollouts"]) == len(rank1["rollouts"]) >= 1
+    for r0, r1 in zip(rank0["rollouts"], rank1["rollouts"]):
+        # Both ranks see the same mu and sigma ...
+        assert r0["mean"] == pytest.approx(r1["mean"], abs=1e-9)
+        assert r0["var"] == pytest.approx(r1["var"], abs=1e-9)
+        # ... and they are the statistics of the union of both ranks' tokens, not of either rank alone.
+        whole = masked_moments(torch.cat([r0["scores"].flatten(), r1["scores"].flatten()]),
+                               torch.cat([r0["mask"].flatten(), r1["mask"].flatten()]))
+        assert r0["mean"] == pytest.approx(whole.mean.item(), abs=1e-6)
+        assert r0["var"] == pytest.approx(whole.var.item(), abs=1e-6)
+        alone = masked_moments(r0["scores"], r0["mask"])
+        assert abs(alone.mean.item() - whole.mean.item()) > 1e-6 or abs(alone.var.item() - whole.var.item()) > 1e-6
+    # DDP kept the replicas identical.
+    assert rank0["checksum"] == pytest.approx(rank1["checksum"], rel=1e-9)
