@@ -268,3 +268,31 @@ def test_every_new_config_field_has_help():
                                      "advantage_normalization", "reward_advantage_weight"}
     for f in new:
         assert f.metadata.get("help"), f.name
+
+
+def test_checkpoint_writes_card_and_resumes(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    args = cpu_config(GNDPOConfig, tmp_path, save_strategy="steps", save_steps=1, max_steps=2)
+    trainer = GNDPOTrainer(model=student_path, args=args, train_dataset=arithmetic_dataset,
+                           teacher_model=teacher_path)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file()
+    assert "GNDPO" in (tmp_path / "README.md").read_text()  # GRPOTrainer writes the card at every checkpoint
+
+    resumed_args = cpu_config(GNDPOConfig, tmp_path, save_strategy="no", max_steps=3)
+    resumed = GNDPOTrainer(model=student_path, args=resumed_args, train_dataset=arithmetic_dataset,
+                           teacher_model=teacher_path)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    assert "gndpo/reverse_kl" in resumed.state.log_history[-2]
+
+
+def test_evaluation_scores_with_the_teacher(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    args = cpu_config(GNDPOConfig, tmp_path, eval_strategy="steps", eval_steps=1, max_steps=1,
+                      per_device_eval_batch_size=8)
+    trainer = GNDPOTrainer(model=student_path, reward_funcs=[demo.task_reward], args=args,
+                           train_dataset=arithmetic_dataset, eval_dataset=arithmetic_dataset.select(range(8)),
+                           teacher_model=teacher_path)
+    trainer.train()
+    eval_logs = [entry for entry in trainer.state.log_history if "eval_gndpo/reverse_kl" in entry]
+    assert eval_logs and "eval_reward" in eval_logs[0]
