@@ -15,7 +15,8 @@ SCRIPTS = Path(__file__).parent / "distributed"
 
 def torchrun(script: str, *args: str, timeout: int = 300) -> None:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent),
+                                         os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(SCRIPTS / script), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

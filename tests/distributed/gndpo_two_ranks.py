@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from conftest import cpu_config  # tests/ is on PYTHONPATH (see tests/test_distributed.py)
 from trl_ext import GNDPOConfig, GNDPOTrainer, demo
 
 out_dir = sys.argv[1]
@@ -35,23 +36,12 @@ class RecordingGNDPOTrainer(GNDPOTrainer):
         return out
 
 
-args = GNDPOConfig(
-    output_dir=os.path.join(out_dir, "run"),
-    use_cpu=True,
-    bf16=False,
-    gradient_checkpointing=False,
-    report_to="none",
-    save_strategy="no",
-    max_steps=2,
+args = cpu_config(
+    GNDPOConfig,
+    os.path.join(out_dir, "run"),
     per_device_train_batch_size=2,  # with num_generations=4, every group spans both ranks
     gradient_accumulation_steps=2,
-    num_generations=4,
-    max_completion_length=4,
-    learning_rate=1e-2,
-    logging_steps=1,
-    disable_tqdm=True,
     ddp_find_unused_parameters=False,
-    seed=0,
 )
 trainer = RecordingGNDPOTrainer(
     model=demo.student_path("arithmetic"),

@@ -44,10 +44,18 @@ def teacher_display_name(teacher: str | PreTrainedModel) -> str:
     return _compat.get_config_model_id(teacher.config) or type(teacher).__name__
 
 
-def load_teacher(teacher: str | PreTrainedModel, init_kwargs: dict[str, Any] | None, args) -> PreTrainedModel:
-    """Instantiate a teacher from an id/path (with `init_kwargs`) or take the given instance, and freeze it."""
+def load_teacher(
+    teacher: str | PreTrainedModel, init_kwargs: dict[str, Any] | None, args, default_dtype=None
+) -> PreTrainedModel:
+    """Instantiate a teacher from an id/path (with `init_kwargs`) or take the given instance, and freeze it.
+
+    A teacher loaded from a path takes the student's dtype unless `init_kwargs` says otherwise, as GRPOTrainer
+    does for its reference model.
+    """
     if isinstance(teacher, str):
         kwargs = dict(init_kwargs or {})
+        if default_dtype is not None:
+            kwargs.setdefault("dtype", default_dtype)
         # Multi-process training needs device_map=None ("auto" would spread one copy over all GPUs).
         if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP"):
             kwargs["device_map"] = None

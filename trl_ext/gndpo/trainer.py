@@ -101,7 +101,7 @@ class GNDPOTrainer(ExtGRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
-        teacher = load_teacher(teacher, args.teacher_model_init_kwargs, args)
+        teacher = load_teacher(teacher, args.teacher_model_init_kwargs, args, default_dtype=self.model.dtype)
         self.teacher_model = prepare_teacher(teacher, self, temperature=args.teacher_temperature)
         self.last_advantages: GNDPOAdvantages | None = None  # the latest rollout's statistics, for inspection
 
