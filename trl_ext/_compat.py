@@ -12,6 +12,8 @@ What we rely on (TRL 1.16):
   (the loss-inputs hook).
 - `GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
   ...) -> (logps, entropies, aux_loss)`: we call it to score completions with the student and the teacher.
+- `Trainer._save_checkpoint(model, trial)`, `_load_optimizer_and_scheduler(checkpoint)` and `_get_output_dir(trial)`
+  (transformers, overridden by TRL): extended to save and restore trl_ext trainer state with each checkpoint.
 - helpers from `trl.trainer.utils` / `trl.models`: model loading, the fused LM head, DeepSpeed/FSDP preparation.
 """
 
@@ -87,6 +89,10 @@ PRIVATE_SIGNATURES = {
         "compute_entropy",
         "compute_aux_loss",
     ],
+    # transformers.Trainer private methods that GRPOTrainer overrides and we extend for trainer state.
+    "_save_checkpoint": ["self", "model", "trial"],
+    "_load_optimizer_and_scheduler": ["self", "checkpoint"],
+    "_get_output_dir": ["self", "trial"],
 }
 
 

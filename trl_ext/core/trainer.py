@@ -12,7 +12,8 @@ Nothing of TRL's logic is copied: each override calls `super()` and post-process
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Protocol
 
 import torch
 from trl import GRPOTrainer
@@ -30,6 +31,17 @@ def zero_reward(completions, **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
+class StatefulComponent(Protocol):
+    """Anything whose state must survive checkpoint/resume (gate price history, EMA teacher, router, counters)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+TRAINER_STATE_FILE = "trl_ext_state.pt"
+
+
 class ExtGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with trl_ext's hooks, global statistics, metric helpers and model-card rendering.
 
@@ -41,6 +53,7 @@ class ExtGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         self._rollout_rewards: torch.Tensor | None = None
+        self._stateful_components: dict[str, StatefulComponent] = {}
         super().__init__(*args, **kwargs)
         # One all-reduce turns per-process moments into statistics of the whole generation batch.
         self.reduce_sum = accelerator_reduce_sum(self.accelerator)
@@ -114,6 +127,37 @@ class ExtGRPOTrainer(GRPOTrainer):
         if old is not None:
             return old
         return self.score_completions(self.model, rollout)
+
+    # ----- trainer state in checkpoints ---------------------------------------------------------------------
+    def register_state(self, name: str, component: StatefulComponent) -> None:
+        """Save `component.state_dict()` in every checkpoint and restore it on resume (under `name`)."""
+        if name in self._stateful_components:
+            raise ValueError(f"A trainer state component named {name!r} is already registered.")
+        self._stateful_components[name] = component
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # Registered state is identical on every process by design (rank-symmetric), so the main process writes it.
+        if self._stateful_components and self.args.should_save:
+            checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            state = {name: c.state_dict() for name, c in self._stateful_components.items()}
+            torch.save(state, os.path.join(checkpoint_dir, TRAINER_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self._stateful_components:
+            return
+        path = os.path.join(checkpoint, TRAINER_STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Resuming from {checkpoint!r}, but it has no {TRAINER_STATE_FILE} with this trainer's state "
+                f"({sorted(self._stateful_components)}). Resume from a checkpoint written by the same trainer."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for name, component in self._stateful_components.items():
+            if name not in state:
+                raise KeyError(f"{path} has no state for {name!r}; it holds {sorted(state)}.")
+            component.load_state_dict(state[name])
 
     # ----- model card ----------------------------------------------------------------------------------------
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
