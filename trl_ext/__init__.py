@@ -1,8 +1,9 @@
 """trl_ext: recent RL and distillation methods as drop-in `trl.GRPOTrainer` subclasses."""
 
 from . import _compat  # noqa: F401  (fails early with a clear message on an unsupported TRL version)
+from .delight import DelightConfig, DelightTrainer
 from .gndpo import GNDPOConfig, GNDPOTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["GNDPOConfig", "GNDPOTrainer", "__version__"]
+__all__ = ["DelightConfig", "DelightTrainer", "GNDPOConfig", "GNDPOTrainer", "__version__"]

@@ -135,3 +135,24 @@ def per_token_logps(trainer: GRPOTrainer, model, rollout: dict, batch_size: int 
         **multimodal,
     )
     return logps
+
+
+# ----- GRPOTrainer's micro-batch buffer (TRL 1.16 `_prepare_inputs`) -----------------------------------------------
+# `_prepare_inputs` generates once every `steps_per_generation * num_iterations` training steps, shuffles, splits the
+# generation batch into `steps_per_generation` micro-batches, keeps them in `_buffered_inputs` and returns
+# `_buffered_inputs[_step % steps_per_generation]`. The Kondo gate re-packs that buffer right after generation.
+BUFFER_ATTRIBUTES = ("_buffered_inputs", "_step")
+
+
+def will_generate(trainer: GRPOTrainer) -> bool:
+    """Whether the next training `_prepare_inputs` call generates a new batch (and refills the buffer)."""
+    generate_every = trainer.args.steps_per_generation * trainer.num_iterations
+    return trainer._buffered_inputs is None or trainer._step % generate_every == 0
+
+
+def micro_batch_buffer(trainer: GRPOTrainer) -> list[dict]:
+    return trainer._buffered_inputs
+
+
+def current_micro_batch(trainer: GRPOTrainer) -> dict:
+    return trainer._buffered_inputs[trainer._step % trainer.args.steps_per_generation]

@@ -40,6 +40,7 @@ class StatefulComponent(Protocol):
 
 
 TRAINER_STATE_FILE = "trl_ext_state.pt"
+STUDENT_LOGPS_KEY = "ext_student_logps"  # rollout key caching the policy's no-grad log-probs of its samples
 
 
 class ExtGRPOTrainer(GRPOTrainer):
@@ -121,12 +122,14 @@ class ExtGRPOTrainer(GRPOTrainer):
     def student_logps(self, rollout: dict[str, Any]) -> torch.Tensor:
         """The policy's log-probs of its own samples before the update (pi_theta_old).
 
-        Reuses TRL's `old_per_token_logps` when it computed them; otherwise runs one no-grad forward pass.
+        Reuses TRL's `old_per_token_logps` when it computed them; otherwise runs one no-grad forward pass, whose
+        result is kept in the rollout so that every later user (a method, then a gate) shares it.
         """
-        old = rollout.get("old_per_token_logps")
-        if old is not None:
-            return old
-        return self.score_completions(self.model, rollout)
+        for key in ("old_per_token_logps", STUDENT_LOGPS_KEY):
+            if rollout.get(key) is not None:
+                return rollout[key]
+        rollout[STUDENT_LOGPS_KEY] = self.score_completions(self.model, rollout)
+        return rollout[STUDENT_LOGPS_KEY]
 
     # ----- trainer state in checkpoints ---------------------------------------------------------------------
     def register_state(self, name: str, component: StatefulComponent) -> None:

@@ -1,0 +1,194 @@
+"""DelightTrainer and the Kondo gate end to end: DG's loss, compute really skipped, composition, resume, errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import cpu_config
+from trl_ext import DelightConfig, DelightTrainer, GNDPOConfig, GNDPOTrainer, demo
+from trl_ext.delight import KondoGateArguments, KondoGateMixin, delight_weights
+
+
+def make_trainer(tmp_path, student_path, dataset, **overrides):
+    return DelightTrainer(model=student_path, reward_funcs=[demo.task_reward],
+                          args=cpu_config(DelightConfig, tmp_path, **overrides), train_dataset=dataset)
+
+
+def first_buffer(trainer):
+    """Generate once and return the micro-batches TRL (and the gate) prepared for this generation batch."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    chunks = [trainer._prepare_inputs(batch)]
+    for _ in range(trainer.args.steps_per_generation - 1):
+        trainer._step += 1
+        chunks.append(trainer._prepare_inputs(batch))
+    return chunks
+
+
+def trl_gradients(trainer, chunks):
+    trainer.model.zero_grad()
+    for chunk in chunks:
+        trainer.compute_loss(trainer.model, chunk).backward()
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def manual_dg_gradients(model, rows, advantages, weight_fn, normalizer):
+    """egg's DG loss written out: -(1/N) sum_t w_t * U * log pi(y_t), w from the detached surprisal."""
+    model.zero_grad()
+    input_ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], 1)
+    attention = torch.cat([rows["prompt_mask"], rows["completion_mask"]], 1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+    length = rows["completion_ids"].shape[1]
+    logps = F.log_softmax(logits[:, -length:].float(), -1).gather(-1, rows["completion_ids"].unsqueeze(-1))[..., 0]
+    mask = rows["completion_mask"].float()
+    chi = advantages.unsqueeze(1) * (-logps.detach())
+    loss = -(weight_fn(chi) * advantages.unsqueeze(1) * logps * mask).sum() / normalizer
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_dg_trains_and_logs(tmp_path, student_path, arithmetic_dataset):
+    trainer = make_trainer(tmp_path, student_path, arithmetic_dataset)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(p, dict(trainer.model.named_parameters())[n]) for n, p in before.items())
+    logs = trainer.state.log_history[0]
+    assert "delight/weight_mean" in logs and "delight/token_delight_mean" in logs
+    assert trainer.args.scale_rewards == "none" and trainer.args.loss_type == "dapo"
+
+
+def test_trl_loss_with_delight_advantages_is_dg(tmp_path, student_path, arithmetic_dataset):
+    """On-policy, TRL's loss on the (B, T) advantage w_t * U has exactly the gradient of egg's DG loss."""
+    trainer = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=1)
+    (chunk,) = first_buffer(trainer)
+    ours = trl_gradients(trainer, [chunk])
+    reference = manual_dg_gradients(trainer.model, chunk, chunk["delight_group_advantages"],
+                                    lambda chi: delight_weights(chi, 1.0, 0.0), chunk["num_items_in_batch"])
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gate_skips_compute_and_keeps_the_gradient(tmp_path, student_path, arithmetic_dataset):
+    """With the gate, only survivors are forwarded with gradients, and the gradient equals DG's with the gated
+    completions' terms removed (normalized by all valid tokens, as in the paper)."""
+    trainer = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=1, gate="threshold",
+                           gate_price=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=4)
+    captured = {}
+    original = trainer._postprocess_rollout
+
+    def spy(inputs, rollout):
+        out = original(inputs, rollout)
+        captured.update({k: v.clone() for k, v in out.items() if isinstance(v, torch.Tensor)})
+        return out
+
+    trainer._postprocess_rollout = spy
+    chunks = first_buffer(trainer)
+    keep = captured["kondo_keep"]
+    assert 0 < keep.sum() < keep.numel()  # the gate passed some completions and skipped others
+
+    rows_with_grad = []
+    hook = trainer.model.register_forward_hook(
+        lambda module, args, kwargs, out: rows_with_grad.append(kwargs["input_ids"].shape[0])
+        if torch.is_grad_enabled() else None, with_kwargs=True)
+    ours = trl_gradients(trainer, chunks)
+    hook.remove()
+    assert sum(rows_with_grad) == int(keep.sum())  # gated completions get no forward-with-grad at all
+    skipped = sum("kondo_skip" in chunk for chunk in chunks)
+    assert skipped == 4 - -(-int(keep.sum()) // 4)  # survivors packed into as few micro-batches as possible
+    assert len(rows_with_grad) == 4 - skipped
+
+    U = captured["delight_group_advantages"] * keep  # gated completions contribute nothing
+    rows = {k: captured[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+    reference = manual_dg_gradients(trainer.model, rows, U, lambda chi: delight_weights(chi, 1.0, 0.0),
+                                    captured["num_items_in_batch"])
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("rule", ["price", "pass_rate"])
+def test_gate_rules_train_and_log(tmp_path, student_path, arithmetic_dataset, rule):
+    trainer = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=3, gate=rule,
+                           gate_pass_rate=0.5, gradient_accumulation_steps=2, per_device_train_batch_size=8)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    for key in ("delight/pass_rate", "delight/completions_skipped", "delight/backward_passes_skipped",
+                "delight/price", "delight/sequence_delight_mean"):
+        assert key in logs, key
+    counters = trainer.gate_counters
+    assert counters["completions"] == 3 * 16 and 0 < counters["completions_kept"] < counters["completions"]
+
+
+def test_stochastic_weights_and_plain_pg_with_gate(tmp_path, student_path, arithmetic_dataset):
+    make_trainer(tmp_path / "s", student_path, arithmetic_dataset, delight_stochastic=True).train()
+    trainer = make_trainer(tmp_path / "pg", student_path, arithmetic_dataset, delight_weighting=False,
+                           gate="threshold")
+    trainer.train()
+    assert "delight/weight_mean" not in trainer.state.log_history[0]
+    assert "delight/pass_rate" in trainer.state.log_history[0]
+
+
+def test_checkpoint_resume_keeps_the_price_history(tmp_path, student_path, arithmetic_dataset):
+    trainer = make_trainer(tmp_path, student_path, arithmetic_dataset, gate="pass_rate", gate_pass_rate=0.5,
+                           save_strategy="steps", save_steps=2, max_steps=2)
+    trainer.train()
+    saved = trainer.kondo_gate.state_dict()
+    assert len(saved["history"]) == 16 and saved["decisions_made"] == 2
+    resumed_run = make_trainer(tmp_path, student_path, arithmetic_dataset, gate="pass_rate", gate_pass_rate=0.5,
+                               max_steps=3)
+    resumed_run.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed_run.kondo_gate.decisions_made == 3 and len(resumed_run.kondo_gate.history) == 24
+    assert list(resumed_run.kondo_gate.history)[:16] == saved["history"]  # the restored history, then one batch
+
+
+@dataclass
+class GatedGNDPOConfig(KondoGateArguments, GNDPOConfig):
+    pass
+
+
+class GatedGNDPOTrainer(KondoGateMixin, GNDPOTrainer):
+    pass
+
+
+def test_gate_composes_with_gndpo(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    args = cpu_config(GatedGNDPOConfig, tmp_path, loss_type="dapo", gate="threshold", max_steps=2)
+    trainer = GatedGNDPOTrainer(model=student_path, args=args, train_dataset=arithmetic_dataset,
+                                teacher_model=teacher_path)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert "gndpo/reverse_kl" in logs and "delight/pass_rate" in logs
+    assert 0 < trainer.gate_counters["completions_kept"] < trainer.gate_counters["completions"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"gate": "auction"}, "gate='auction'"),
+        ({"gate": "price", "gate_eta": 0.0}, "gate_eta"),
+        ({"gate": "pass_rate", "gate_pass_rate": 0.0}, "gate_pass_rate"),
+        ({"gate": "pass_rate", "gate_pass_rate": 1.5}, "gate_pass_rate"),
+        ({"gate_history_size": 0}, "gate_history_size"),
+        ({"gate_surprisal": "sampler"}, "use_vllm"),
+        ({"gate": "threshold", "loss_type": "grpo"}, "loss_type='grpo'"),
+        ({"gate_normalizer": "tokens"}, "gate_normalizer"),
+        ({"delight_eta": 0.0}, "delight_eta"),
+        ({"delight_eta": -1.0}, "delight_eta"),
+    ],
+)
+def test_bad_config_fails_at_construction(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_config(DelightConfig, tmp_path, **overrides)
+
+
+def test_mixin_without_gate_fields_is_rejected(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    class Broken(KondoGateMixin, GNDPOTrainer):
+        pass
+
+    with pytest.raises(TypeError, match="KondoGateArguments"):
+        Broken(model=student_path, args=cpu_config(GNDPOConfig, tmp_path), train_dataset=arithmetic_dataset,
+               teacher_model=teacher_path)

@@ -1,0 +1,49 @@
+"""DelightConfig: GRPOConfig plus Delightful Policy Gradient's weight and the Kondo gate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .gated import KondoGateArguments
+
+
+@dataclass
+class DelightConfig(KondoGateArguments, GRPOConfig):
+    r"""Configuration for [`DelightTrainer`]: every [`~trl.GRPOConfig`] field, the Kondo gate's `gate_*` fields, and
+    the ones below. Defaults follow DeepMind's `egg` (`egg/losses/dg.py`) unless marked as our choice."""
+
+    delight_weighting: bool = field(
+        default=True,
+        metadata={
+            "help": "Weight each token's advantage by w = sigmoid((U * surprisal - delight_price) / delight_eta) "
+            "(Delightful PG). False gives plain policy gradient, e.g. to run the Kondo gate alone as egg's KondoLoss."
+        },
+    )
+    delight_eta: float = field(
+        default=1.0, metadata={"help": "Temperature eta of the delight sigmoid (paper and egg: 1.0). Must be > 0."}
+    )
+    delight_price: float = field(
+        default=0.0, metadata={"help": "Offset lambda inside the delight sigmoid (egg default: 0)."}
+    )
+    delight_stochastic: bool = field(
+        default=False,
+        metadata={"help": "Draw w ~ Bernoulli(sigmoid(...)) per token instead of using the probability (egg: False)."},
+    )
+    scale_rewards: str = field(
+        default="none",
+        metadata={
+            "help": "How TRL scales the group advantage U = r - mean(group). DG uses no std scaling ('none', the "
+            "paper's convention; eta is calibrated for it); 'group' and 'batch' are TRL's alternatives.",
+            "choices": ["none", "group", "batch"],
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.delight_eta <= 0:
+            raise ValueError(
+                f"`delight_eta` must be > 0, got {self.delight_eta}. It is the temperature of the delight sigmoid; "
+                "the paper uses 1.0."
+            )

@@ -1,0 +1,225 @@
+"""The Kondo gate as a component any trl_ext trainer can switch on: a config mixin and a trainer mixin.
+
+    @dataclass
+    class GatedGNDPOConfig(KondoGateArguments, GNDPOConfig): ...
+    class GatedGNDPOTrainer(KondoGateMixin, GNDPOTrainer): ...
+
+After the trainer's own post-rollout processing, every completion of the generation batch gets a delight
+chi = mean_t(A_t * l_t) (A: the advantage the trainer feeds the loss, or `_gate_advantages`; l: surprisal), the gate
+decides on the gathered batch (identical on all ranks), and the micro-batches are re-packed so that survivors fill
+as few of them as possible. Micro-batches with no survivor on any rank skip the forward and backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import _compat
+from ..core.stats import masked_moments
+from .delight import sequence_delight, surprisal, token_delight
+from .gate import GATE_RULES, KondoGate
+from .packing import chunks_needed, concat_rows, pack_survivors, take_rows
+
+SURPRISAL_SOURCES = ("policy", "sampler")
+NORMALIZERS = ("all_tokens", "survivors")
+# Losses normalized by the generation batch's token count (`num_items_in_batch`), which the gate can keep fixed.
+TOKEN_COUNT_LOSSES = ("dapo", "cispo", "vespo")
+
+
+@dataclass
+class KondoGateArguments:
+    """Config fields of the Kondo gate; mix into any trl_ext config: `class C(KondoGateArguments, XConfig)`."""
+
+    gate: str = field(
+        default="none",
+        metadata={
+            "help": "Kondo gate rule deciding which completions get a backward pass: 'none'; 'price' (keep with "
+            "probability sigmoid((chi - gate_price) / gate_eta)); 'threshold' (keep chi > gate_price); "
+            "'pass_rate' (price = the (1 - gate_pass_rate) quantile of a rolling delight history).",
+            "choices": list(GATE_RULES),
+        },
+    )
+    gate_price: float = field(
+        default=0.0,
+        metadata={"help": "Compute price lambda for the 'price' and 'threshold' rules (0 = zero-price gating)."},
+    )
+    gate_eta: float = field(
+        default=1.0, metadata={"help": "Temperature eta of the 'price' rule's sigmoid (paper: 1.0). Must be > 0."}
+    )
+    gate_pass_rate: float = field(
+        default=0.2,
+        metadata={"help": "Target pass rate rho in (0, 1] of the 'pass_rate' rule (1 = keep everything)."},
+    )
+    gate_history_size: int = field(
+        default=1024,
+        metadata={"help": "Number of recent completion delights whose quantile sets the 'pass_rate' price."},
+    )
+    gate_surprisal: str = field(
+        default="policy",
+        metadata={
+            "help": "Where the gate's surprisal comes from: 'policy' (the policy's log-probs of its samples, from "
+            "the no-grad scoring pass TRL or trl_ext already runs: a cheap forward screens, the expensive backward "
+            "is gated) or 'sampler' (the generator's log-probs; needs use_vllm=True).",
+            "choices": list(SURPRISAL_SOURCES),
+        },
+    )
+    gate_normalizer: str = field(
+        default="all_tokens",
+        metadata={
+            "help": "Loss normalizer with the gate: 'all_tokens' (the paper's: every valid token of the batch, "
+            "gated or not) or 'survivors' (only the tokens of completions that passed).",
+            "choices": list(NORMALIZERS),
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gate not in GATE_RULES:
+            raise ValueError(f"Unknown `gate={self.gate!r}`; choose one of {list(GATE_RULES)}.")
+        if self.gate_eta <= 0:
+            raise ValueError(f"`gate_eta` must be > 0, got {self.gate_eta}; for a hard gate use gate='threshold'.")
+        if not 0 < self.gate_pass_rate <= 1:
+            raise ValueError(
+                f"`gate_pass_rate` must be in (0, 1], got {self.gate_pass_rate}: it is the fraction of completions "
+                "that get a backward pass (1 keeps all)."
+            )
+        if self.gate_history_size < 1:
+            raise ValueError(f"`gate_history_size` must be >= 1, got {self.gate_history_size}.")
+        if self.gate_surprisal not in SURPRISAL_SOURCES:
+            raise ValueError(f"Unknown `gate_surprisal={self.gate_surprisal!r}`; choose one of {SURPRISAL_SOURCES}.")
+        if self.gate_surprisal == "sampler" and not self.use_vllm:
+            raise ValueError(
+                "`gate_surprisal='sampler'` uses the generator's log-probs, which only vLLM returns; set "
+                "use_vllm=True or use gate_surprisal='policy'."
+            )
+        if self.gate_normalizer not in NORMALIZERS:
+            raise ValueError(f"Unknown `gate_normalizer={self.gate_normalizer!r}`; choose one of {NORMALIZERS}.")
+        if self.gate != "none" and self.loss_type not in TOKEN_COUNT_LOSSES:
+            raise ValueError(
+                f"The Kondo gate needs a loss normalized by the batch's token count, but loss_type="
+                f"{self.loss_type!r} averages over the rows of each micro-batch, so skipped completions would change "
+                f"the scale. Use loss_type in {TOKEN_COUNT_LOSSES} (TRL's default is 'dapo')."
+            )
+
+
+class KondoGateMixin:
+    """Put before an `ExtGRPOTrainer` subclass in the bases; its config must include `KondoGateArguments`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        args = self.args
+        if not isinstance(args, KondoGateArguments):
+            raise TypeError(f"{type(self).__name__} needs a config that includes KondoGateArguments.")
+        self.kondo_gate = KondoGate(args.gate, args.gate_price, args.gate_eta, args.gate_pass_rate,
+                                    args.gate_history_size, seed=args.seed)
+        self.register_state("kondo_gate", self.kondo_gate)
+        # Sharded models (ZeRO-3, FSDP) all-gather weights inside forward, so every rank must run a forward on every
+        # micro-step: there, skipped micro-steps run a one-row, zero-weight forward instead of nothing. Plain DDP and
+        # single processes skip them entirely.
+        self._gate_always_forward = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        self.gate_counters = {"micro_batches": 0, "micro_batches_skipped": 0, "completions": 0, "completions_kept": 0}
+
+    @property
+    def _gate_active(self) -> bool:
+        return self.args.gate != "none" and self.model.training
+
+    # ----- what the gate looks at (override in trainers) -------------------------------------------------------
+    def _gate_advantages(self, rollout: dict[str, Any]) -> torch.Tensor:
+        """The advantage in chi = A * l: by default the one the trainer feeds the loss, (B,) or (B, T)."""
+        return rollout["advantages"]
+
+    def _gate_surprisals(self, rollout: dict[str, Any]) -> torch.Tensor:
+        if self.args.gate_surprisal == "sampler":
+            return surprisal(rollout["sampling_per_token_logps"])
+        return surprisal(self.student_logps(rollout))
+
+    # ----- post-rollout: decide ----------------------------------------------------------------------------------
+    def _postprocess_rollout(self, inputs, rollout):
+        rollout = super()._postprocess_rollout(inputs, rollout)
+        if not self._gate_active:
+            return rollout
+        if any(key in rollout for key in ("pixel_values", "num_images")):
+            raise NotImplementedError("The Kondo gate re-packs micro-batches row by row and supports text models only.")
+        mask = self.loss_mask(rollout)
+        chi = sequence_delight(token_delight(self._gate_advantages(rollout), self._gate_surprisals(rollout)), mask)
+        all_chi = self.accelerator.gather(chi.float())
+        keep_all = self.kondo_gate.decide(all_chi)
+        rank, local = self.accelerator.process_index, chi.shape[0]
+        keep = keep_all[rank * local:(rank + 1) * local].to(mask.device)
+        rollout["kondo_keep"] = keep
+        if self.args.gate_normalizer == "survivors":
+            kept_tokens = (mask * keep.unsqueeze(1)).sum()
+            rollout["num_items_in_batch"] = self.accelerator.gather(kept_tokens).sum()
+
+        moments = masked_moments(all_chi, torch.ones_like(all_chi))
+        self._metrics["train"]["delight/pass_rate"].append(keep_all.float().mean().item())
+        self._metrics["train"]["delight/completions_skipped"].append(float((~keep_all).sum().item()))
+        self._metrics["train"]["delight/price"].append(self.kondo_gate.last_price)
+        self._metrics["train"]["delight/sequence_delight_mean"].append(moments.mean.item())
+        self._metrics["train"]["delight/sequence_delight_std"].append(moments.std.item())
+        self.gate_counters["completions"] += keep_all.numel()
+        self.gate_counters["completions_kept"] += int(keep_all.sum())
+        return rollout
+
+    # ----- buffer: pack survivors --------------------------------------------------------------------------------
+    def _prepare_inputs(self, generation_batch):
+        fresh = self._gate_active and _compat.will_generate(self)
+        batch = super()._prepare_inputs(generation_batch)
+        if not fresh:
+            return batch
+        buffer = _compat.micro_batch_buffer(self)
+        window = self.args.gradient_accumulation_steps
+        if len(buffer) % window:
+            window = len(buffer)  # generation batch shorter than an accumulation window: pack it as one
+        skipped = 0
+        for start in range(0, len(buffer), window):
+            packed = self._pack_window(buffer[start:start + window])
+            buffer[start:start + window] = packed
+            skipped += sum("kondo_skip" in chunk for chunk in packed)
+        self.gate_counters["micro_batches"] += len(buffer)
+        self.gate_counters["micro_batches_skipped"] += skipped
+        self._metrics["train"]["delight/backward_passes_skipped"].append(float(skipped))
+        self._metrics["train"]["delight/backward_passes"].append(float(len(buffer) - skipped))
+        return _compat.current_micro_batch(self)
+
+    def _pack_window(self, chunks: list[dict]) -> list[dict]:
+        rows = concat_rows(chunks)
+        keep = rows.pop("kondo_keep")
+        chunk_size = self.args.per_device_train_batch_size
+        needed = torch.tensor(chunks_needed(int(keep.sum()), chunk_size), device=self.accelerator.device)
+        # Every rank must run the same number of forward/backward passes: the most any rank needs.
+        compute = int(self.accelerator.gather(needed.reshape(1)).max())
+        if compute == 0 and self.accelerator.num_processes > 1:
+            compute = 1  # the window's last micro-step synchronizes gradients across ranks: keep one forward
+        packed = []
+        for position, index in enumerate(pack_survivors(keep, len(chunks), compute)):
+            if index.numel():
+                packed.append(take_rows(rows, index))
+            elif position >= len(chunks) - compute or self._gate_always_forward:
+                packed.append(self._empty_micro_batch(rows))
+            else:
+                packed.append({"kondo_skip": torch.tensor(True)})
+        return packed
+
+    @staticmethod
+    def _empty_micro_batch(rows: dict) -> dict:
+        """One row with nothing to learn: a graph-connected zero loss that keeps this rank's collectives in step."""
+        dummy = take_rows(rows, torch.zeros(1, dtype=torch.long))
+        dummy["completion_mask"] = torch.zeros_like(dummy["completion_mask"])
+        return dummy
+
+    # ----- loss ----------------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        if "kondo_skip" in inputs:
+            # No rank has a survivor in this micro-step: no forward, no backward compute. The zero still touches
+            # every trainable parameter so that the optimizer and gradient accumulation see a well-formed graph.
+            return torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
+        return super()._compute_loss(model, inputs)
+
+
+def skipped_fraction(counters: dict[str, int]) -> float:
+    return counters["micro_batches_skipped"] / max(1, counters["micro_batches"])
+

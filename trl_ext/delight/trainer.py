@@ -1,0 +1,79 @@
+"""DelightTrainer: Delightful Policy Gradient (arXiv 2603.14608) with the optional Kondo gate (arXiv 2603.20526)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core import ExtGRPOTrainer, masked_moments
+from .config import DelightConfig
+from .delight import delight_weights, surprisal, token_delight
+from .gated import KondoGateMixin
+
+
+class DelightTrainer(KondoGateMixin, ExtGRPOTrainer):
+    """Drop-in replacement for `trl.GRPOTrainer` that weights every token's advantage by its delight.
+
+    The group advantage U comes from TRL (`scale_rewards="none"` by default: U = r - mean of the group). With the
+    policy's surprisal l_t = -log pi(y_t) of its own sample, the per-token advantage fed to TRL's loss is
+    sigmoid((U * l_t - lambda) / eta) * U. On-policy (one update per rollout, `num_iterations=1` and
+    `steps_per_generation == gradient_accumulation_steps`) TRL's ratio is exactly 1, so the loss is DG's
+    -(1/N) sum_t w_t U log pi(y_t) with N every valid token (`loss_type="dapo"`).
+    """
+
+    _tag_names = ["trl", "trl_ext", "delight", "kondo-gate"]
+    _name = "Delightful Policy Gradient"
+    _paper = {
+        "title": "Delightful Policy Gradient",
+        "id": "2603.14608",
+        "citation": (
+            "@article{osband2026delightful,\n"
+            "    title   = {{Delightful Policy Gradient}},\n"
+            "    author  = {Ian Osband},\n"
+            "    journal = {arXiv preprint arXiv:2603.14608},\n"
+            "    year    = {2026}\n"
+            "}\n"
+            "@article{osband2026kondo,\n"
+            "    title   = {{Does This Gradient Spark Joy?}},\n"
+            "    author  = {Ian Osband},\n"
+            "    journal = {arXiv preprint arXiv:2603.20526},\n"
+            "    year    = {2026}\n"
+            "}"
+        ),
+    }
+    _metric_prefix = "delight"
+    _card_template = "delight.md"
+
+    def __init__(self, model, reward_funcs=None, args: DelightConfig | None = None, *more, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = DelightConfig(f"{name.split('/')[-1]}-Delight")
+        if not isinstance(args, DelightConfig):
+            raise TypeError(
+                f"DelightTrainer needs a DelightConfig, got {type(args).__name__}. Build it with "
+                "trl_ext.DelightConfig(...); it accepts every GRPOConfig field."
+            )
+        super().__init__(model, reward_funcs, args, *more, **kwargs)
+
+    def _gate_advantages(self, rollout: dict[str, Any]) -> torch.Tensor:
+        # The gate prices raw delight U * l (egg's Kondo priority), not the DG-weighted advantage.
+        return rollout["delight_group_advantages"]
+
+    def _postprocess_rollout(self, inputs, rollout):
+        group_advantages = rollout["advantages"]  # (B,) from TRL
+        rollout["delight_group_advantages"] = group_advantages
+        if self.args.delight_weighting:
+            mask = self.loss_mask(rollout).to(torch.float32)
+            chi = token_delight(group_advantages, surprisal(self.student_logps(rollout)).float())
+            generator = None
+            if self.args.delight_stochastic:
+                # Seeded by (seed, step, rank): reproducible, and resuming from a checkpoint continues the stream.
+                seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1009 + self.accelerator.process_index
+                generator = torch.Generator().manual_seed(seed)
+            weights = delight_weights(chi, self.args.delight_eta, self.args.delight_price,
+                                      self.args.delight_stochastic, generator)
+            rollout["advantages"] = weights * group_advantages.unsqueeze(1) * mask
+            self.log_metric("weight_mean", masked_moments(weights, mask, self.reduce_sum, unbiased=False).mean)
+            self.log_metric("token_delight_mean", masked_moments(chi, mask, self.reduce_sum, unbiased=False).mean)
+        return super()._postprocess_rollout(inputs, rollout)
