@@ -188,28 +188,37 @@ class KondoGateMixin:
     def _pack_window(self, chunks: list[dict]) -> list[dict]:
         rows = concat_rows(chunks)
         keep = rows.pop("kondo_keep")
-        chunk_size = self.args.per_device_train_batch_size
-        needed = torch.tensor(chunks_needed(int(keep.sum()), chunk_size), device=self.accelerator.device)
-        # Every rank must run the same number of forward/backward passes: the most any rank needs.
-        compute = int(self.accelerator.gather(needed.reshape(1)).max())
-        if compute == 0 and self.accelerator.num_processes > 1:
+        survivors = torch.tensor([int(keep.sum())], device=self.accelerator.device)
+        all_survivors = self.accelerator.gather(survivors).tolist()
+        # Every rank runs the same number of forward/backward passes: as many as the busiest rank needs.
+        compute = max(chunks_needed(n, self.args.per_device_train_batch_size) for n in all_survivors)
+        multi_process = self.accelerator.num_processes > 1
+        if compute == 0 and multi_process:
             compute = 1  # the window's last micro-step synchronizes gradients across ranks: keep one forward
+        # TRL's loss gathers per-row metrics, which needs the same row count on every rank at each micro-step.
+        width = max(-(-n // compute) for n in all_survivors) if compute and multi_process else None
         packed = []
         for position, index in enumerate(pack_survivors(keep, len(chunks), compute)):
-            if index.numel():
-                packed.append(take_rows(rows, index))
-            elif position >= len(chunks) - compute or self._gate_always_forward:
-                packed.append(self._empty_micro_batch(rows))
-            else:
+            is_compute = position >= len(chunks) - compute
+            if not is_compute and not self._gate_always_forward:
                 packed.append({"kondo_skip": torch.tensor(True)})
+            else:
+                packed.append(self._padded_micro_batch(rows, index, width if is_compute else 1))
         return packed
 
     @staticmethod
-    def _empty_micro_batch(rows: dict) -> dict:
-        """One row with nothing to learn: a graph-connected zero loss that keeps this rank's collectives in step."""
-        dummy = take_rows(rows, torch.zeros(1, dtype=torch.long))
-        dummy["completion_mask"] = torch.zeros_like(dummy["completion_mask"])
-        return dummy
+    def _padded_micro_batch(rows: dict, index: torch.Tensor, width: int | None) -> dict:
+        """The rows `index`, padded to `width` rows that have nothing to learn (zero completion mask).
+
+        Padding keeps collectives in step across ranks; an all-padding micro-batch is a graph-connected zero loss.
+        """
+        width = max(width or index.numel(), 1)
+        padding = torch.zeros(width - index.numel(), dtype=torch.long)
+        batch = take_rows(rows, torch.cat([index, padding]))
+        if padding.numel():
+            batch["completion_mask"] = batch["completion_mask"].clone()
+            batch["completion_mask"][index.numel():] = 0
+        return batch
 
     # ----- loss ----------------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):

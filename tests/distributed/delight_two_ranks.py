@@ -1,0 +1,54 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: DG with a Kondo gate whose survivors
+differ between ranks. Each rank writes what it did to <out_dir>/rank<k>.pt."""
+
+import os
+import sys
+
+import torch
+
+from conftest import cpu_config  # tests/ is on PYTHONPATH (see tests/test_distributed.py)
+from trl_ext import DelightConfig, DelightTrainer, demo
+
+out_dir = sys.argv[1]
+rank = int(os.environ["RANK"])
+torch.set_num_threads(1)
+
+kept_per_rollout = []
+
+
+class RecordingDelightTrainer(DelightTrainer):
+    def _postprocess_rollout(self, inputs, rollout):
+        out = super()._postprocess_rollout(inputs, rollout)
+        kept_per_rollout.append(int(out["kondo_keep"].sum()))
+        return out
+
+
+args = cpu_config(
+    DelightConfig,
+    os.path.join(out_dir, "run"),
+    max_steps=4,
+    learning_rate=1e-3,
+    max_completion_length=6,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=4,  # 8 rows per rank per generation batch, 4 micro-steps to pack into
+    gate="pass_rate",
+    gate_pass_rate=0.3,
+    ddp_find_unused_parameters=False,
+)
+trainer = RecordingDelightTrainer(
+    model=demo.student_path("reversal"),  # reversal's per-position reward leaves few all-equal groups
+    reward_funcs=[demo.task_reward],
+    args=args,
+    train_dataset=demo.get_task("reversal").dataset(64, seed=3),
+)
+trainer.train()
+torch.save(
+    {
+        "world_size": trainer.accelerator.num_processes,
+        "kept": kept_per_rollout,
+        "counters": trainer.gate_counters,
+        "history": list(trainer.kondo_gate.history),
+        "parameters": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+    },
+    os.path.join(out_dir, f"rank{rank}.pt"),
+)
