@@ -27,12 +27,12 @@ import os
 from dataclasses import dataclass, field
 
 from datasets import load_dataset
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
 
 from trl_ext import GNDPOConfig, GNDPOTrainer, demo
-from trl_ext.demo.cli import apply_demo_defaults, hardware_argv
+from trl_ext.demo.cli import parse_example_args
 
-# Demo-sized training settings, applied only to fields left at their defaults and only in demo mode.
+# Demo-sized training settings: the defaults in demo mode (a --config YAML and the command line still win).
 DEMO_SETTINGS = {
     "output_dir": "outputs/gndpo-demo",
     "max_steps": 1000,
@@ -72,7 +72,6 @@ def import_callable(path: str):
 def main(script_args: GNDPOScriptArguments, training_args: GNDPOConfig, model_args: ModelConfig) -> None:
     demo_mode = model_args.model_name_or_path is None
     if demo_mode:
-        apply_demo_defaults(training_args, DEMO_SETTINGS)
         model = demo.student_path(script_args.demo_task)
         teacher = training_args.teacher_model_name_or_path or demo.teacher_path(script_args.demo_task)
         train_dataset = demo.get_task(script_args.demo_task).dataset(script_args.demo_train_size, seed=1)
@@ -115,6 +114,7 @@ def main(script_args: GNDPOScriptArguments, training_args: GNDPOConfig, model_ar
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    parser = TrlParser((GNDPOScriptArguments, GNDPOConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(args=hardware_argv())
+    script_args, training_args, model_args = parse_example_args(
+        (GNDPOScriptArguments, GNDPOConfig, ModelConfig), DEMO_SETTINGS
+    )
     main(script_args, training_args, model_args)

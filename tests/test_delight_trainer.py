@@ -192,3 +192,15 @@ def test_mixin_without_gate_fields_is_rejected(tmp_path, student_path, teacher_p
     with pytest.raises(TypeError, match="KondoGateArguments"):
         Broken(model=student_path, args=cpu_config(GNDPOConfig, tmp_path), train_dataset=arithmetic_dataset,
                teacher_model=teacher_path)
+
+
+def test_model_card(tmp_path, student_path, arithmetic_dataset):
+    trainer = make_trainer(tmp_path, student_path, arithmetic_dataset, gate="pass_rate", gate_pass_rate=0.5)
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-delight")
+    card = (tmp_path / "README.md").read_text()
+    assert "trained with **Delightful Policy Gradient**" in card
+    assert "2603.14608" in card and "2603.20526" in card
+    assert "| `gate` | `pass_rate` |" in card and "| `delight_eta` | `1.0` |" in card
+    assert "delight/pass_rate" in card
+    assert "kondo-gate" in card.split("---")[1]
