@@ -92,3 +92,15 @@ def test_corrupted_recipe_has_wrong_answers():
         x, y = prompt[0]["content"].rstrip("=").split("+")
         wrong += int(completion[0]["content"]) != int(x) + int(y)
     assert 60 < wrong < 140
+
+
+def test_registered_task_variants_work_by_name():
+    variant = demo.register_task(demo.Reversal(name="reversal-test-h4", length=4, alphabet_size=2))
+    rows = demo.get_task("reversal-test-h4").dataset(8, seed=0)
+    assert all(len(a) == 4 and set(a) <= {"a", "b"} for a in rows["answer"])
+    assert demo.task_reward(rows["answer"], task=rows["task"], answer=rows["answer"]) == [1.0] * 8
+    assert demo.register_task(variant) is variant  # re-registering the same settings is fine
+    with pytest.raises(ValueError, match="already registered"):
+        demo.register_task(demo.Reversal(name="reversal-test-h4", length=5))
+    # Recipes on different task settings never share a cache entry.
+    assert demo.Pretraining(tasks=("reversal-test-h4",)).key() != demo.Pretraining(tasks=("reversal",)).key()

@@ -11,7 +11,17 @@ Everything is built in code, so examples, tests and benchmarks run with no Hub a
 
 from .models import TinyArchitecture, build_model
 from .pretrained import DEMO_VERSION, Pretraining, cache_root, pretrained_model, untrained
-from .tasks import TASKS, Arithmetic, Reversal, Task, completion_text, get_task, task_reward, task_success
+from .tasks import (
+    TASKS,
+    Arithmetic,
+    Reversal,
+    Task,
+    completion_text,
+    get_task,
+    register_task,
+    task_reward,
+    task_success,
+)
 from .tokenizer import build_tokenizer
 
 # The default recipes of the demo world: a teacher that solves its task, and a weak student that has seen it
@@ -50,6 +60,7 @@ __all__ = [
     "completion_text",
     "get_task",
     "pretrained_model",
+    "register_task",
     "student_path",
     "student_recipe",
     "task_reward",

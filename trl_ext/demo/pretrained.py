@@ -48,7 +48,9 @@ class Pretraining:
     architecture: TinyArchitecture = field(default_factory=TinyArchitecture)
 
     def key(self) -> str:
-        payload = json.dumps({"demo_version": DEMO_VERSION, **asdict(self)}, sort_keys=True)
+        # The tasks' full settings, not just their names, determine the training data.
+        tasks = [repr(get_task(name)) for name in self.tasks]
+        payload = json.dumps({"demo_version": DEMO_VERSION, "task_settings": tasks, **asdict(self)}, sort_keys=True)
         name = "untrained" if self.steps == 0 else "-".join(self.tasks)
         return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 

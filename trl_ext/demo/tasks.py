@@ -83,6 +83,17 @@ class Reversal(Task):
 TASKS: dict[str, Task] = {task.name: task for task in (Arithmetic(), Reversal())}
 
 
+def register_task(task: Task) -> Task:
+    """Make a task variant (e.g. `Reversal(name="reversal-h8", length=8)`) available by name to datasets, rewards
+    and pretraining recipes. Re-registering a name with different settings is an error: cached models and dataset
+    rows refer to tasks by name."""
+    existing = TASKS.get(task.name)
+    if existing is not None and existing != task:
+        raise ValueError(f"A different task is already registered as {task.name!r}: {existing!r}.")
+    TASKS[task.name] = task
+    return task
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"Unknown demo task {name!r}; available: {sorted(TASKS)}.")
