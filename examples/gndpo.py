@@ -22,15 +22,12 @@ Every GRPOConfig/GNDPOConfig/ModelConfig flag works, and `--config recipe.yaml` 
 
 from __future__ import annotations
 
-import importlib
 import os
-from dataclasses import dataclass, field
 
-from datasets import load_dataset
-from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_ext import GNDPOConfig, GNDPOTrainer, demo
-from trl_ext.demo.cli import parse_example_args
+from trl_ext.demo.cli import ExampleScriptArguments, demo_reward_summary, parse_example_args, real_model_setup
 
 # Demo-sized training settings: the defaults in demo mode (a --config YAML and the command line still win).
 DEMO_SETTINGS = {
@@ -47,52 +44,18 @@ DEMO_SETTINGS = {
 }
 
 
-@dataclass
-class GNDPOScriptArguments(ScriptArguments):
-    reward_funcs: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Reward functions as dotted import paths (e.g. 'trl.rewards.accuracy_reward'). Optional: GNDPO's "
-            "advantage uses only the teacher; rewards are computed and logged. The demo uses its task reward."
-        },
-    )
-    demo_task: str = field(
-        default="arithmetic",
-        metadata={"help": "Task of the embedded demo (used when no --model_name_or_path is given).",
-                  "choices": sorted(demo.TASKS)},
-    )
-    demo_train_size: int = field(default=8000, metadata={"help": "Number of demo training prompts."})
-
-
-def import_callable(path: str):
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def main(script_args: GNDPOScriptArguments, training_args: GNDPOConfig, model_args: ModelConfig) -> None:
+def main(script_args: ExampleScriptArguments, training_args: GNDPOConfig, model_args: ModelConfig) -> None:
     demo_mode = model_args.model_name_or_path is None
     if demo_mode:
         model = demo.student_path(script_args.demo_task)
         teacher = training_args.teacher_model_name_or_path or demo.teacher_path(script_args.demo_task)
         train_dataset = demo.get_task(script_args.demo_task).dataset(script_args.demo_train_size, seed=1)
-        reward_funcs = [demo.task_reward]
+        reward_funcs = [demo.task_reward]  # logged only: GNDPO's advantage uses the teacher
     else:
-        model = model_args.model_name_or_path
-        training_args.model_init_kwargs = {
-            "revision": model_args.model_revision,
-            "attn_implementation": model_args.attn_implementation,
-            "dtype": model_args.dtype,
-            **(training_args.model_init_kwargs or {}),
-        }
-        teacher = training_args.teacher_model_name_or_path
-        if teacher is None:
+        if training_args.teacher_model_name_or_path is None:
             raise ValueError("Pass --teacher_model_name_or_path with --model_name_or_path.")
-        if script_args.dataset_name is None:
-            raise ValueError("Pass --dataset_name (a dataset with a 'prompt' column) with --model_name_or_path.")
-        train_dataset = load_dataset(
-            script_args.dataset_name, name=script_args.dataset_config, split=script_args.dataset_train_split
-        )
-        reward_funcs = [import_callable(path) for path in script_args.reward_funcs or []] or None
+        teacher = training_args.teacher_model_name_or_path
+        model, train_dataset, reward_funcs = real_model_setup(script_args, training_args, model_args)
 
     trainer = GNDPOTrainer(
         model=model,
@@ -108,13 +71,12 @@ def main(script_args: GNDPOScriptArguments, training_args: GNDPOConfig, model_ar
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     if demo_mode and trainer.is_world_process_zero():
-        rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
-        print(f"demo task reward: first log {rewards[0]:.3f} -> last log {rewards[-1]:.3f}")
+        print(demo_reward_summary(trainer))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     script_args, training_args, model_args = parse_example_args(
-        (GNDPOScriptArguments, GNDPOConfig, ModelConfig), DEMO_SETTINGS
+        (ExampleScriptArguments, GNDPOConfig, ModelConfig), DEMO_SETTINGS
     )
     main(script_args, training_args, model_args)

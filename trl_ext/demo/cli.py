@@ -7,10 +7,12 @@ CUDA the default is `use_cpu=True, bf16=False` (TRL configs default to bf16, whi
 
 from __future__ import annotations
 
+import importlib
 import sys
+from dataclasses import dataclass, field
 
 import torch
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig, ScriptArguments, TrlParser
 
 
 def _parser(dataclass_types, defaults: dict) -> TrlParser:
@@ -33,3 +35,51 @@ def parse_example_args(dataclass_types, demo_settings: dict, argv: list[str] | N
     if model_args.model_name_or_path is not None:
         return parsed
     return _parser(dataclass_types, demo_settings).parse_args_and_config(args=argv)
+
+
+@dataclass
+class ExampleScriptArguments(ScriptArguments):
+    """Script arguments shared by the example scripts (dataset arguments come from TRL's `ScriptArguments`)."""
+
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions as dotted import paths (e.g. 'trl.rewards.accuracy_reward'). The demo uses "
+            "its task reward."
+        },
+    )
+    demo_task: str = field(
+        default="arithmetic",
+        metadata={"help": "Task of the embedded demo (used when no --model_name_or_path is given)."},
+    )
+    demo_train_size: int = field(default=8000, metadata={"help": "Number of demo training prompts."})
+
+
+def import_callable(path: str):
+    """`package.module.name` -> the object (reward functions given on the command line)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def real_model_setup(script_args: ExampleScriptArguments, training_args, model_args: ModelConfig):
+    """For a run on real models: pass ModelConfig's loading options to the trainer (as TRL's scripts do) and return
+    (model id, train dataset, reward functions or None)."""
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    if script_args.dataset_name is None:
+        raise ValueError("Pass --dataset_name (a dataset with a 'prompt' column) with --model_name_or_path.")
+    from datasets import load_dataset
+
+    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
+                           split=script_args.dataset_train_split)
+    rewards = [import_callable(path) for path in script_args.reward_funcs or []] or None
+    return model_args.model_name_or_path, dataset, rewards
+
+
+def demo_reward_summary(trainer) -> str:
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    return f"demo task reward: first log {rewards[0]:.3f} -> last log {rewards[-1]:.3f}"
