@@ -31,6 +31,20 @@ def zero_reward(completions, **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
+def resolve_config(model, args, config_cls: type, trainer_name: str):
+    """The trainer's config: `args` checked to be a `config_cls`, or a default one named after the model, as
+    GRPOTrainer does (`<model>-<method>`)."""
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        return config_cls(f"{name.split('/')[-1]}-{trainer_name}")
+    if not isinstance(args, config_cls):
+        raise TypeError(
+            f"{trainer_name}Trainer needs a {config_cls.__name__}, got {type(args).__name__}. Build it with "
+            f"trl_ext.{config_cls.__name__}(...); it accepts every GRPOConfig field."
+        )
+    return args
+
+
 class StatefulComponent(Protocol):
     """Anything whose state must survive checkpoint/resume (gate price history, EMA teacher, router, counters)."""
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..core import ExtGRPOTrainer, masked_moments
+from ..core.trainer import resolve_config
 from .config import DelightConfig
 from .delight import delight_weights, surprisal, token_delight
 from .gated import KondoGateMixin
@@ -46,14 +47,7 @@ class DelightTrainer(KondoGateMixin, ExtGRPOTrainer):
     _card_template = "delight.md"
 
     def __init__(self, model, reward_funcs=None, args: DelightConfig | None = None, *more, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = DelightConfig(f"{name.split('/')[-1]}-Delight")
-        if not isinstance(args, DelightConfig):
-            raise TypeError(
-                f"DelightTrainer needs a DelightConfig, got {type(args).__name__}. Build it with "
-                "trl_ext.DelightConfig(...); it accepts every GRPOConfig field."
-            )
+        args = resolve_config(model, args, DelightConfig, "Delight")
         super().__init__(model, reward_funcs, args, *more, **kwargs)
 
     def _gate_advantages(self, rollout: dict[str, Any]) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from ..core import ExtGRPOTrainer, check_same_vocabulary, load_teacher, prepare_teacher, vocab_size_of, zero_reward
+from ..core.trainer import resolve_config
 from ..core.teachers import teacher_display_name
 from .advantages import GNDPOAdvantages, gndpo_advantages
 from .config import GNDPOConfig
@@ -62,14 +63,7 @@ class GNDPOTrainer(ExtGRPOTrainer):
         environment_factory: Callable | None = None,
         teacher_model: str | PreTrainedModel | None = None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = GNDPOConfig(f"{name.split('/')[-1]}-GNDPO")
-        if not isinstance(args, GNDPOConfig):
-            raise TypeError(
-                f"GNDPOTrainer needs a GNDPOConfig, got {type(args).__name__}. Build the config with "
-                "trl_ext.GNDPOConfig(...); it accepts every GRPOConfig field."
-            )
+        args = resolve_config(model, args, GNDPOConfig, "GNDPO")
         teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher is None:
             raise ValueError(
