@@ -54,3 +54,5 @@ def test_rollout_dict_keys_and_shapes(tmp_path, student_path, teacher_path, arit
     assert seen["shapes"]["completion_mask"] == (rows, length)
     assert seen["shapes"]["num_items_in_batch"] == ()
     assert seen["rewards"].shape == (rows, 1)  # _calculate_rewards returned (N, num_reward_funcs)
+    missing_attributes = [a for a in _compat.TRAINER_ATTRIBUTES if not hasattr(trainer, a)]
+    assert not missing_attributes, f"TRL {_compat.TRL_VERSION}: GRPOTrainer lost attributes {missing_attributes}"

@@ -3,7 +3,16 @@
 from . import _compat  # noqa: F401  (fails early with a clear message on an unsupported TRL version)
 from .delight import DelightConfig, DelightTrainer
 from .gndpo import GNDPOConfig, GNDPOTrainer
+from .prorl import ProRLConfig, ProRLTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["DelightConfig", "DelightTrainer", "GNDPOConfig", "GNDPOTrainer", "__version__"]
+__all__ = [
+    "DelightConfig",
+    "DelightTrainer",
+    "GNDPOConfig",
+    "GNDPOTrainer",
+    "ProRLConfig",
+    "ProRLTrainer",
+    "__version__",
+]

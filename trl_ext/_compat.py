@@ -59,7 +59,17 @@ ROLLOUT_KEYS = {
     "num_items_in_batch": "0-dim global count of loss tokens in the generation batch",
 }
 # Optional keys: present only in some configurations.
-OPTIONAL_ROLLOUT_KEYS = ("old_per_token_logps", "tool_mask", "ref_per_token_logps", "sampling_per_token_logps")
+OPTIONAL_ROLLOUT_KEYS = (
+    "old_per_token_logps",
+    "tool_mask",
+    "ref_per_token_logps",
+    "sampling_per_token_logps",
+    "importance_sampling_ratio",
+)
+# GRPOTrainer attributes (not methods) that trl_ext reads; the contract test checks they exist on a real trainer.
+TRAINER_ATTRIBUTES = ("_metrics", "_step", "_buffered_inputs", "num_iterations", "num_generations", "beta",
+                      "reward_weights", "multi_objective_aggregation", "eos_token_ids", "ref_model")
+REFERENCE_ADAPTER = "ref"  # TRL's frozen reference adapter, selected by name in _generate_and_score_completions
 # Multimodal keys the model forward needs besides input ids and attention mask.
 MULTIMODAL_KEYS = (
     "pixel_values",
@@ -156,3 +166,8 @@ def micro_batch_buffer(trainer: GRPOTrainer) -> list[dict]:
 
 def current_micro_batch(trainer: GRPOTrainer) -> dict:
     return trainer._buffered_inputs[trainer._step % trainer.args.steps_per_generation]
+
+
+def logged_values(trainer: GRPOTrainer, name: str, mode: str = "train") -> list[float]:
+    """The values TRL's loss appended to its metric store in this logging window (e.g. 'kl', 'entropy')."""
+    return trainer._metrics[mode][name]

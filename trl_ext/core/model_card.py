@@ -29,6 +29,9 @@ COMMON_SETTINGS = (
     "temperature",
     "loss_type",
     "beta",
+    "epsilon",
+    "epsilon_high",
+    "steps_per_generation",
     "seed",
 )
 

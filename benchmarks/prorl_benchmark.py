@@ -1,0 +1,592 @@
+"""ProRL benchmark on the embedded demo world: a long run of GRPO vs ProRL with the same budget of generated samples.
+
+What is compared (same student, data, batch, learning rate, optimizer and rollout reuse; only the recipe differs):
+
+* GRPO: `trl.GRPOTrainer` with TRL's defaults for the recipe knobs (symmetric clip 0.2, no KL, temperature 1.0,
+  token-level "dapo" loss, no dynamic sampling).
+* ProRL: `trl_ext.ProRLTrainer` with ProRLConfig's defaults (clip-higher 0.2/0.4, KL beta=1e-4 to a reference,
+  temperature 1.2, dynamic sampling with refill, at most 10 generation rounds) plus a reference + optimizer reset
+  every `--reset-every` optimizer steps.
+
+Setting (defaults): the demo `reversal` task (reverse 5 symbols over an alphabet of 3) from the weak demo student,
+trained on the binary exact-answer reward (`--reward success`, like the paper's math rewards; the student solves
+~0.5% of samples, so ~94% of 16-sample groups are all-wrong and carry no signal: the regime dynamic sampling is
+for), 16 samples per prompt, 64 completions per optimizer step and 4 optimizer steps per rollout (ProRL's
+256/64 [S], so ratios move off 1 and the clip acts), learning rate 3e-4, constant. A run stops when it has
+*generated* `--samples` completions, refill rounds included, so ProRL makes far fewer optimizer steps than GRPO for
+the same sampling budget. At `--evals` points along the budget (and for the initial student), each policy is
+evaluated on `--eval-prompts` held-out prompts with `--eval-n` samples per prompt at temperature
+`--eval-temperature` (the same for both methods):
+
+* pass@k for k = 1..16, from the n samples per prompt with the unbiased estimator 1 - C(n-c, k) / C(n, k)
+  (Chen et al., 2021), averaged over prompts (success = exact reversal);
+* the policy's mean per-token entropy on its own samples;
+* the mean task reward (per-position accuracy).
+
+Timing: wall time per optimizer step (training only, evaluation excluded) and, for ProRL, the time spent in refill
+rounds (`DynamicSamplingResult.seconds_refilling`: extra generation + scoring + merge), reported as a share of
+ProRL's step time, with the share of its samples spent on refill and the mean generation rounds per rollout.
+
+Targets (from the issue; our operationalization): ProRL's final eval entropy stays >= `--entropy-floor` x the
+initial student's and above GRPO's (entropy does not collapse); ProRL's final pass@1 and pass@16 are higher than
+GRPO's (means over seeds); the refill overhead is reported. Torch runs single-threaded by default (`--threads 1`):
+on 2 shared cores, two threads per process oversubscribe the CPU and run ~10x slower for this tiny model.
+`--task arithmetic` is available but uninformative for pass@16: the student already reaches pass@16 ~ 1 there.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py            # ~10-15 min
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py --quick    # ~1 min smoke run
+
+Writes `<out-dir>/prorl.json` and `<out-dir>/prorl.png` (default out-dir: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+RESULT_NAME = "prorl"
+METHODS = ("grpo", "prorl")
+LABELS = {"grpo": "GRPO (TRL defaults)", "prorl": "ProRL"}
+COLORS = {"grpo": "tab:gray", "prorl": "tab:blue", "initial": "black"}
+K_VALUES = list(range(1, 17))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pass@k
+# ----------------------------------------------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# setup
+# ----------------------------------------------------------------------------------------------------------------------
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("trl", "accelerate", "datasets", "transformers", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="reversal", choices=["arithmetic", "reversal"])
+    p.add_argument("--reward", default="success", choices=["success", "task"],
+                   help="training reward: 'success' = exact answer (binary, default), 'task' = the task's own reward")
+    p.add_argument("--samples", type=int, default=64 * 1400,
+                   help="generated completions per run, refill included (default 89600 = 1400 GRPO steps of 64)")
+    p.add_argument("--seeds", type=str, default="2", help="number of seeds ('2' -> 0,1) or a list '0,5'")
+    p.add_argument("--batch", type=int, default=64, help="completions per optimizer step (default 64 = 4 prompts x 16)")
+    p.add_argument("--num-generations", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=3e-4)
+    p.add_argument("--steps-per-generation", type=int, default=4,
+                   help="optimizer steps per rollout (ProRL: batch 256 / mini-batch 64 = 4 [S]); >1 makes the clip act")
+    p.add_argument("--reset-every", type=int, default=20,
+                   help="ProRL reference + optimizer reset period in optimizer steps (default 20: ~6 resets per run)")
+    p.add_argument("--prorl-overrides", type=json.loads, default={},
+                   help='JSON dict of extra ProRLConfig fields, e.g. \'{"beta": 0.01}\' (default: none)')
+    p.add_argument("--methods", type=str, default="grpo,prorl", help="subset to run (targets need both)")
+    p.add_argument("--evals", type=int, default=8, help="evaluation points along the sample budget")
+    p.add_argument("--eval-prompts", type=int, default=128)
+    p.add_argument("--eval-n", type=int, default=32, help="samples per prompt for pass@k (>= 16)")
+    p.add_argument("--eval-temperature", type=float, default=1.0)
+    p.add_argument("--entropy-floor", type=float, default=0.5,
+                   help="target: ProRL's final entropy >= this fraction of the initial student's")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="~1 minute smoke run: small budget, 1 seed, small eval")
+    p.add_argument("--out-dir", type=str, default=str(REPO_ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.samples, args.seeds, args.evals, args.eval_prompts, args.eval_n = 64 * 160, "1", 2, 32, 16
+        args.reset_every = 8
+    text = args.seeds.strip()
+    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not set(args.method_list) <= set(METHODS):
+        p.error(f"--methods must name a subset of {METHODS}")
+    args.seed_list = [int(s) for s in text.split(",") if s.strip()] if "," in text else list(range(int(text)))
+    if args.eval_n < max(K_VALUES):
+        p.error(f"--eval-n must be >= {max(K_VALUES)} for pass@{max(K_VALUES)}")
+    if args.batch % args.num_generations:
+        p.error("--batch must be a multiple of --num-generations")
+    return args
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "trl", "accelerate", "peft")}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+class Evaluator:
+    """pass@k, entropy and reward of a policy on fixed held-out prompts (its own samples, fixed seed)."""
+
+    def __init__(self, task: str, args):
+        from trl_ext import demo
+
+        self.task = demo.get_task(task)
+        self.tokenizer = demo.build_tokenizer()
+        rows = self.task.dataset(args.eval_prompts, seed=10_001)  # disjoint seed from training data (seed 1)
+        texts = [self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                 for p in rows["prompt"]]
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+                                 add_special_tokens=False)
+        self.input_ids, self.attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        self.answers = rows["answer"]
+        self.n, self.temperature = args.eval_n, args.eval_temperature
+        self.max_new_tokens = max_completion_length(task)
+
+    @torch.no_grad()
+    def __call__(self, model, seed: int = 0, chunk_prompts: int = 32) -> dict:
+        was_training = model.training
+        model.eval()
+        correct, rewards, entropy_sum, token_count = [], [], 0.0, 0
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for start in range(0, len(self.answers), chunk_prompts):
+                ids = self.input_ids[start:start + chunk_prompts].repeat_interleave(self.n, 0)
+                mask = self.attention_mask[start:start + chunk_prompts].repeat_interleave(self.n, 0)
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=self.temperature, top_k=0,
+                    top_p=1.0, max_new_tokens=self.max_new_tokens, output_logits=True, return_dict_in_generate=True,
+                    eos_token_id=eos, pad_token_id=pad,
+                )
+                completions = out.sequences[:, ids.size(1):]
+                logits = torch.stack(out.logits, dim=1)[:, : completions.size(1)].float() / self.temperature
+                # Tokens up to and including the first EOS were sampled from the policy; the rest is padding.
+                is_eos = completions == eos
+                after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+                active = ~after_eos
+                logp = logits.log_softmax(-1)
+                entropy = -(logp.exp() * logp).sum(-1)
+                entropy_sum += float((entropy * active).sum())
+                token_count += int(active.sum())
+                texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+                for i, text in enumerate(texts):
+                    answer = self.answers[start + i // self.n]
+                    correct.append(float(text.strip() == answer))
+                    rewards.append(self.task.reward(text, answer))
+        model.train(was_training)
+        per_prompt = np.asarray(correct).reshape(-1, self.n).sum(1).astype(int)
+        return {
+            "pass_at_k": [float(np.mean([pass_at_k(self.n, int(c), k) for c in per_prompt])) for k in K_VALUES],
+            "entropy": entropy_sum / max(token_count, 1),
+            "reward": float(np.mean(rewards)),
+            "solved_prompts": int((per_prompt > 0).sum()),
+        }
+
+
+def max_completion_length(task: str) -> int:
+    return 4 if task == "arithmetic" else 8  # longest answer + EOS, with a margin
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training with a sample budget
+# ----------------------------------------------------------------------------------------------------------------------
+class CountingReward:
+    """The training reward, counting every completion it scores (= every completion generated, refill included)."""
+
+    def __init__(self, kind: str):
+        from trl_ext import demo
+
+        # "success": 1 for an exact answer (binary, as the paper's math rewards); "task": the task's own reward
+        # (reversal: per-position accuracy, dense).
+        self.reward = demo.task_success if kind == "success" else demo.task_reward
+        self.__name__ = self.reward.__name__
+        self.count = 0
+
+    def __call__(self, completions, **kwargs):
+        self.count += len(completions)
+        return self.reward(completions, **kwargs)
+
+
+def make_budget_callback(counter, budget: int, milestones: list[int], evaluate, record: dict):
+    from transformers import TrainerCallback
+
+    class SampleBudget(TrainerCallback):
+        """Evaluates at sample milestones, times steps (evaluation excluded), stops at the sample budget."""
+
+        def __init__(self):
+            self.trainer = None
+            self.next = 0
+            self.step_started = 0.0
+            self.last_result = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            record["step_seconds"].append(time.perf_counter() - self.step_started)
+            record["samples_after_step"].append(counter.count)
+            result = getattr(self.trainer, "last_dynamic_sampling", None)
+            if result is not None and result is not self.last_result:  # a new rollout was generated this step
+                self.last_result = result
+                record["refill_seconds"].append(result.seconds_refilling)
+                record["generation_rounds"].append(result.rounds)
+                record["groups_masked"].append(result.selection.masked)
+                record["informative_fraction"].append(result.informative_per_round[0] / len(result.selection.keep))
+            while self.next < len(milestones) and counter.count >= milestones[self.next]:
+                point = evaluate(self.trainer.model)
+                point.update(step=state.global_step, samples=counter.count)
+                record["evals"].append(point)
+                self.next += 1
+            if counter.count >= budget:
+                control.should_training_stop = True
+
+    return SampleBudget()
+
+
+def run(method: str, seed: int, args, evaluator, initial: dict, log) -> dict:
+    from transformers import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_ext import demo
+    from trl_ext.prorl import ProRLConfig, ProRLTrainer
+
+    counter = CountingReward(args.reward)
+    train = demo.get_task(args.task).dataset(max(4000, args.samples // args.num_generations), seed=1)
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix=f"prorl-bench-{method}-"),
+        use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0, logging_steps=10, seed=seed,
+        per_device_train_batch_size=args.batch, num_generations=args.num_generations,
+        max_completion_length=max_completion_length(args.task), learning_rate=args.learning_rate,
+        lr_scheduler_type="constant", steps_per_generation=args.steps_per_generation,
+        max_steps=args.samples // args.batch + 1,  # the sample budget stops earlier
+    )
+    if method == "grpo":
+        config = GRPOConfig(**common)  # epsilon=0.2 (symmetric), beta=0, temperature=1.0, loss_type="dapo"
+        trainer = GRPOTrainer(model=demo.student_path(args.task), reward_funcs=[counter], args=config,
+                              train_dataset=train)
+    else:
+        config = ProRLConfig(**{**common, "ref_reset_steps": args.reset_every, **args.prorl_overrides})
+        trainer = ProRLTrainer(model=demo.student_path(args.task), reward_funcs=[counter], args=config,
+                               train_dataset=train)
+    record = {"evals": [dict(initial, step=0, samples=0)], "step_seconds": [], "samples_after_step": [],
+              "refill_seconds": [], "generation_rounds": [], "groups_masked": [], "informative_fraction": []}
+    milestones = [round(args.samples * (i + 1) / args.evals) for i in range(args.evals)]
+    eval_seconds = []
+
+    def timed_eval(model):
+        started = time.perf_counter()
+        point = evaluator(model, seed=seed)
+        eval_seconds.append(time.perf_counter() - started)
+        return point
+
+    callback = make_budget_callback(counter, args.samples, milestones, timed_eval, record)
+    callback.trainer = trainer
+    trainer.add_callback(callback)
+    trainer.remove_callback(PrinterCallback)  # keep the benchmark's own lines readable
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    shutil.rmtree(common["output_dir"], ignore_errors=True)
+    record["config"] = {k: getattr(config, k) for k in ("epsilon", "epsilon_high", "beta", "temperature", "loss_type",
+                                                        "num_generations", "learning_rate")}
+    record["steps"] = trainer.state.global_step
+    record["samples"] = counter.count
+    record["wall_seconds"] = wall
+    record["train_seconds"] = wall - sum(eval_seconds)
+    record["train_log"] = [{k: v for k, v in entry.items() if k in ("step", "reward", "entropy", "kl", "prorl/kl",
+                                                                     "prorl/resets", "frac_reward_zero_std")}
+                           for entry in trainer.state.log_history if "reward" in entry]
+    if method == "prorl":
+        record["resets"] = trainer.reference_reset.history if trainer.reference_reset else []
+    final = record["evals"][-1]
+    log(f"{method:6s} seed {seed}: {record['steps']} steps, {counter.count} samples, {record['train_seconds']:.0f} s "
+        f"train; pass@1 {initial['pass_at_k'][0]:.3f} -> {final['pass_at_k'][0]:.3f}, pass@16 "
+        f"{initial['pass_at_k'][15]:.3f} -> {final['pass_at_k'][15]:.3f}, entropy {initial['entropy']:.3f} -> "
+        f"{final['entropy']:.3f}")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# summary, targets, plot
+# ----------------------------------------------------------------------------------------------------------------------
+def summarize(runs: dict, initial: dict) -> dict:
+    out = {}
+    for method in METHODS:
+        finals = [r["evals"][-1] for r in runs[method].values()]
+        summary = {
+            "final_pass_at_k": np.mean([f["pass_at_k"] for f in finals], axis=0).tolist(),
+            "final_pass_at_k_std_over_seeds": np.std([f["pass_at_k"] for f in finals], axis=0).tolist(),
+            "final_entropy": float(np.mean([f["entropy"] for f in finals])),
+            "final_reward": float(np.mean([f["reward"] for f in finals])),
+            "steps": float(np.mean([r["steps"] for r in runs[method].values()])),
+            "mean_step_seconds": float(np.mean([np.mean(r["step_seconds"]) for r in runs[method].values()])),
+            "train_seconds": float(np.mean([r["train_seconds"] for r in runs[method].values()])),
+        }
+        if method == "prorl":
+            refill = [sum(r["refill_seconds"]) for r in runs[method].values()]
+            steps_time = [sum(r["step_seconds"]) for r in runs[method].values()]
+            summary["refill_seconds_total"] = float(np.mean(refill))
+            summary["refill_share_of_step_time"] = float(np.mean([a / b for a, b in zip(refill, steps_time)]))
+            rounds = np.concatenate([r["generation_rounds"] for r in runs[method].values()])
+            summary["mean_generation_rounds_per_rollout"] = float(rounds.mean())
+            summary["share_of_rollouts_with_refill"] = float((rounds > 1).mean())
+            summary["share_of_samples_spent_on_refill"] = float(1.0 - 1.0 / rounds.mean())
+            summary["groups_masked_total"] = float(np.mean([sum(r["groups_masked"]) for r in runs[method].values()]))
+            summary["mean_first_round_informative_fraction"] = float(np.mean(np.concatenate(
+                [r["informative_fraction"] for r in runs[method].values()])))
+        out[method] = summary
+    out["initial"] = {"pass_at_k": initial["pass_at_k"], "entropy": initial["entropy"], "reward": initial["reward"]}
+    return out
+
+
+def targets(summary: dict, args) -> dict:
+    grpo, prorl, initial = summary["grpo"], summary["prorl"], summary["initial"]
+    floor = args.entropy_floor * initial["entropy"]
+    out = {
+        "prorl_entropy_does_not_collapse": {
+            "met": bool(prorl["final_entropy"] >= floor and prorl["final_entropy"] > grpo["final_entropy"]),
+            "prorl_final_entropy": prorl["final_entropy"], "grpo_final_entropy": grpo["final_entropy"],
+            "initial_entropy": initial["entropy"], "floor": floor,
+            "definition": f"ProRL's final eval entropy >= {args.entropy_floor} x the initial student's and > GRPO's",
+        },
+        "prorl_higher_final_pass_at_1": {
+            "met": bool(prorl["final_pass_at_k"][0] > grpo["final_pass_at_k"][0]),
+            "prorl": prorl["final_pass_at_k"][0], "grpo": grpo["final_pass_at_k"][0],
+            "initial": initial["pass_at_k"][0],
+        },
+        "prorl_higher_final_pass_at_16": {
+            "met": bool(prorl["final_pass_at_k"][15] > grpo["final_pass_at_k"][15]),
+            "prorl": prorl["final_pass_at_k"][15], "grpo": grpo["final_pass_at_k"][15],
+            "initial": initial["pass_at_k"][15],
+        },
+        "refill_overhead_reported": {
+            "met": True,
+            "refill_share_of_prorl_step_time": prorl["refill_share_of_step_time"],
+            "share_of_prorl_samples_spent_on_refill": prorl["share_of_samples_spent_on_refill"],
+            "prorl_mean_step_seconds": prorl["mean_step_seconds"],
+            "grpo_mean_step_seconds": grpo["mean_step_seconds"],
+            "step_time_ratio_prorl_over_grpo": prorl["mean_step_seconds"] / grpo["mean_step_seconds"],
+        },
+    }
+    out["all_met"] = all(v["met"] for v in out.values())
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, summary = report["runs"], report["summary"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+
+    def curve(method, key):
+        series = [r["evals"] for r in runs[method].values()]
+        x = np.mean([[e["samples"] for e in s] for s in series], axis=0)
+        y = np.array([[key(e) for e in s] for s in series])
+        return x, y.mean(0), y.min(0), y.max(0)
+
+    ax = axes[0, 0]
+    for method in METHODS:
+        for k, style in ((1, "-"), (16, "--")):
+            x, y, lo, hi = curve(method, lambda e, k=k: e["pass_at_k"][k - 1])
+            ax.plot(x, y, style, color=COLORS[method], marker="o", ms=3, label=f"{LABELS[method]} pass@{k}")
+            if len(runs[method]) > 1:
+                ax.fill_between(x, lo, hi, color=COLORS[method], alpha=0.1)
+    ax.set_xlabel("generated samples (refill included)")
+    ax.set_ylabel("pass@k on held-out prompts")
+    ax.set_title("(a) pass@1 and pass@16 over training, same sample budget")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[0, 1]
+    for method in METHODS:
+        x, y, lo, hi = curve(method, lambda e: e["entropy"])
+        ax.plot(x, y, color=COLORS[method], marker="o", ms=3, label=LABELS[method])
+        if len(runs[method]) > 1:
+            ax.fill_between(x, lo, hi, color=COLORS[method], alpha=0.1)
+    ax.axhline(report["targets"]["prorl_entropy_does_not_collapse"]["floor"], color="tab:red", ls=":", lw=1,
+               label=f"target floor ({report['config']['entropy_floor']} x initial)")
+    ax.set_xlabel("generated samples")
+    ax.set_ylabel(f"per-token entropy of own samples (T={report['config']['eval_temperature']})")
+    ax.set_title("(b) policy entropy")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[1, 0]
+    ax.plot(K_VALUES, summary["initial"]["pass_at_k"], color=COLORS["initial"], ls=":", marker=".",
+            label="initial student")
+    for method in METHODS:
+        ax.errorbar(K_VALUES, summary[method]["final_pass_at_k"],
+                    yerr=summary[method]["final_pass_at_k_std_over_seeds"],
+                    color=COLORS[method], marker="o", ms=3, capsize=2, label=f"{LABELS[method]} (final)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k")
+    ax.set_title("(c) final pass@k, k = 1..16 (mean +- std over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[1, 1]
+    g, p = summary["grpo"], summary["prorl"]
+    refill = p["refill_seconds_total"] / max(p["steps"], 1)
+    bars = ax.bar(["GRPO step", "ProRL step"], [g["mean_step_seconds"], p["mean_step_seconds"]],
+                  color=[COLORS["grpo"], COLORS["prorl"]], alpha=0.7)
+    ax.bar(["ProRL step"], [refill], color="tab:orange", alpha=0.8, label="of which refill rounds")
+    for bar, v in zip(bars, [g["mean_step_seconds"], p["mean_step_seconds"]]):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{1e3 * v:.0f} ms", ha="center", va="bottom", fontsize=9)
+    ax.text(0.02, 0.97,
+            f"ProRL: {p['mean_generation_rounds_per_rollout']:.2f} generation rounds/rollout, refill in "
+            f"{100 * p['share_of_rollouts_with_refill']:.0f}% of rollouts\n"
+            f"refill = {100 * p['refill_share_of_step_time']:.0f}% of ProRL step time, "
+            f"{100 * p['share_of_samples_spent_on_refill']:.0f}% of its samples\n"
+            f"optimizer steps for the budget: GRPO {g['steps']:.0f}, ProRL {p['steps']:.0f}",
+            transform=ax.transAxes, va="top", fontsize=8)
+    ax.set_ylabel("mean wall time per optimizer step (s, eval excluded)")
+    ax.set_title("(d) cost of dynamic sampling (refill)")
+    ax.set_ylim(0, max(g["mean_step_seconds"], p["mean_step_seconds"]) * 1.45)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, axis="y")
+
+    cfg = report["config"]
+    fig.suptitle(f"ProRL vs GRPO on the demo {cfg['task']} task: {cfg['samples']} generated samples per run, "
+                 f"{len(cfg['seeds'])} seed(s), CPU", fontsize=12)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def round_floats(obj, digits: int = 6):
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(round_floats(obj), indent=1))
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quiet()
+    started = time.perf_counter()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)
+
+    from transformers import AutoModelForCausalLM
+
+    from trl_ext import demo
+
+    student = demo.student_path(args.task)
+    evaluator = Evaluator(args.task, args)
+    report = {
+        "benchmark": "prorl",
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": {**versions(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                        "platform": platform.platform(), "load_average_1min_at_start": os.getloadavg()[0]},
+        "config": {
+            "task": args.task, "reward": args.reward, "samples": args.samples, "seeds": args.seed_list,
+            "batch": args.batch,
+            "num_generations": args.num_generations, "learning_rate": args.learning_rate,
+            "steps_per_generation": args.steps_per_generation,
+            "reset_every": args.reset_every, "prorl_overrides": args.prorl_overrides, "evals": args.evals,
+            "eval_prompts": args.eval_prompts,
+            "eval_n": args.eval_n, "eval_temperature": args.eval_temperature, "entropy_floor": args.entropy_floor,
+            "quick": args.quick, "student": student,
+            "methods": {
+                "grpo": "trl.GRPOTrainer, GRPOConfig defaults for the recipe (epsilon=0.2, beta=0, temperature=1.0, "
+                        "loss_type='dapo'), same batch/lr/constant schedule",
+                "prorl": "trl_ext.ProRLTrainer, ProRLConfig defaults (epsilon 0.2/0.4, beta=1e-4, temperature=1.2, "
+                         "dynamic_sampling='refill', max 10 rounds) + ref_reset_steps=reset_every + prorl_overrides",
+            },
+            "pass_at_k": "unbiased estimator from eval_n samples per held-out prompt, exact-match success",
+        },
+    }
+    runs = {method: {} for method in METHODS}
+    initial_by_seed = {}
+    for seed in args.seed_list:
+        initial_by_seed[seed] = evaluator(AutoModelForCausalLM.from_pretrained(student), seed=seed)
+        log(f"initial student (seed {seed}): pass@1 {initial_by_seed[seed]['pass_at_k'][0]:.3f}, pass@16 "
+            f"{initial_by_seed[seed]['pass_at_k'][15]:.3f}, entropy {initial_by_seed[seed]['entropy']:.3f}")
+        for method in args.method_list:
+            runs[method][seed] = run(method, seed, args, evaluator, initial_by_seed[seed], log)
+            report["runs"] = runs
+            write_json(report, out_dir / f"{RESULT_NAME}.json")  # partial results survive an interruption
+    initial = {key: (np.mean([initial_by_seed[s][key] for s in args.seed_list], axis=0).tolist()
+                     if key == "pass_at_k" else float(np.mean([initial_by_seed[s][key] for s in args.seed_list])))
+               for key in ("pass_at_k", "entropy", "reward")}
+    if set(args.method_list) != set(METHODS):
+        log("not all methods ran: no summary, targets or plot")
+        return 0
+    report["summary"] = summarize(runs, initial)
+    report["targets"] = targets(report["summary"], args)
+    report["runtime_seconds"] = time.perf_counter() - started
+    write_json(report, out_dir / f"{RESULT_NAME}.json")
+    plot(report, out_dir / f"{RESULT_NAME}.png")
+
+    s = report["summary"]
+    for method in METHODS:
+        m = s[method]
+        log(f"{method:6s} final pass@1 {m['final_pass_at_k'][0]:.3f}, pass@4 {m['final_pass_at_k'][3]:.3f}, pass@16 "
+            f"{m['final_pass_at_k'][15]:.3f}, entropy {m['final_entropy']:.3f}, {m['steps']:.0f} steps, "
+            f"{1e3 * m['mean_step_seconds']:.0f} ms/step")
+    p = s["prorl"]
+    log(f"refill: {p['mean_generation_rounds_per_rollout']:.2f} rounds/rollout, "
+        f"{100 * p['refill_share_of_step_time']:.0f}% "
+        f"of ProRL step time, {100 * p['share_of_samples_spent_on_refill']:.0f}% of its samples")
+    for name, t in report["targets"].items():
+        if isinstance(t, dict):
+            log(f"target {name}: {'MET' if t['met'] else 'NOT MET'}")
+    log(f"wrote {out_dir / (RESULT_NAME + '.json')} and {out_dir / (RESULT_NAME + '.png')} in "
+        f"{report['runtime_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

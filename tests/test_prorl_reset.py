@@ -1,0 +1,188 @@
+"""Reference reset in a real trainer: full fine-tuning and LoRA, the three triggers, checkpoint and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+from conftest import cpu_config
+from trl_ext import demo
+from trl_ext.core.reference_reset import ReferenceResetCallback
+from trl_ext.core.reset_triggers import ResetSchedule
+from trl_ext.prorl import ProRLConfig, ProRLTrainer
+
+def alternating_reward(completions, **kwargs):
+    """Every group informative (0, 1, 0, 1, ...), whatever the policy does: every step moves the policy."""
+    return [float(i % 2) for i in range(len(completions))]
+
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+def train_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "kl" in entry]
+
+
+def adam_steps(trainer):
+    state = trainer.optimizer.state
+    return {int(s["step"]) for s in state.values()}
+
+
+class SnapshotReference(TrainerCallback):
+    """Copies the reference weights at the end of every step (after the reset callback ran)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.snapshots = trainer, {}
+
+    def reference(self):
+        t = self.trainer
+        if t.ref_model is not None:
+            return {n: p.detach().clone() for n, p in t.ref_model.named_parameters()}
+        return {n.replace(".ref.", ".default."): p.detach().clone()
+                for n, p in t.model.named_parameters() if ".ref." in n}
+
+    def policy(self):
+        names = self.reference().keys()
+        return {n: p.detach().clone() for n, p in self.trainer.model.named_parameters() if n in names}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.snapshots[state.global_step] = (self.reference(), self.policy())
+
+
+def equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_finetune_reset_on_schedule(tmp_path, student_path, arithmetic_dataset):
+    args = cpu_config(ProRLConfig, tmp_path, max_steps=3, beta=0.1, ref_reset_steps=2, dynamic_sampling="none")
+    trainer = ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
+                           train_dataset=arithmetic_dataset)
+    snapshot = SnapshotReference(trainer)
+    trainer.add_callback(snapshot)
+    trainer.train()
+    assert trainer.reference_reset.history == [{"step": 2, "reason": "schedule", "requested_at": 2}]
+    ref1, policy1 = snapshot.snapshots[1]
+    ref2, policy2 = snapshot.snapshots[2]
+    ref3, policy3 = snapshot.snapshots[3]
+    assert not equal(ref1, policy1) and equal(ref2, policy2)  # pi_ref <- pi_theta at step 2 ...
+    assert equal(ref3, ref2) and not equal(ref3, policy3)     # ... and frozen afterwards
+    kl = [entry["kl"] for entry in train_logs(trainer)]
+    assert kl[1] > 1e-4 and kl[2] == pytest.approx(0.0, abs=1e-7)  # the rollout after the reset: KL = 0
+    assert [entry["prorl/resets"] for entry in train_logs(trainer)] == [0, 0, 1]
+    assert adam_steps(trainer) == {1}  # fresh optimizer at step 2, one step since (3 without the reset)
+
+
+def test_lora_reset_uses_a_reference_adapter(tmp_path, student_path, arithmetic_dataset):
+    args = cpu_config(ProRLConfig, tmp_path, max_steps=3, beta=0.1, ref_reset_steps=2, dynamic_sampling="none")
+    trainer = ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
+                           train_dataset=arithmetic_dataset, peft_config=LORA)
+    # TRL's reference for a new adapter is the base model (adapters disabled), which a reset cannot move: the
+    # trainer adds a frozen "ref" adapter, a copy of the fresh (identity) default adapter.
+    assert "ref" in trainer.model.peft_config
+    refs = [p for n, p in trainer.model.named_parameters() if ".ref." in n]
+    assert refs and not any(p.requires_grad for p in refs)
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora" not in n}
+    snapshot = SnapshotReference(trainer)
+    trainer.add_callback(snapshot)
+    trainer.train()
+    ref1, policy1 = snapshot.snapshots[1]
+    ref2, policy2 = snapshot.snapshots[2]
+    assert not equal(ref1, policy1) and equal(ref2, policy2)
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".ref." in n)
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if n in base)
+    kl = [entry["kl"] for entry in train_logs(trainer)]
+    assert kl[1] > 0 and kl[2] == pytest.approx(0.0, abs=1e-7)
+    assert adam_steps(trainer) == {1}
+
+
+def test_lora_with_a_peft_model_reuses_trls_reference_adapter(tmp_path, student_path, arithmetic_dataset):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(student_path), LORA)
+    args = cpu_config(ProRLConfig, tmp_path, max_steps=2, beta=0.1, ref_reset_steps=1, dynamic_sampling="none")
+    trainer = ProRLTrainer(model=model, reward_funcs=[alternating_reward], args=args,
+                           train_dataset=arithmetic_dataset, processing_class=demo.build_tokenizer())
+    assert sorted(trainer.model.peft_config) == ["default", "ref"]  # created by TRL, reused by the reset
+    trainer.train()
+    assert trainer.reference_reset.count == 2
+    assert [entry["kl"] for entry in train_logs(trainer)] == pytest.approx([0.0, 0.0], abs=1e-7)
+
+
+def test_kl_share_trigger(tmp_path, student_path, arithmetic_dataset):
+    # beta=1 makes the KL term comparable to the policy term after one large step.
+    args = cpu_config(ProRLConfig, tmp_path, max_steps=3, beta=1.0, ref_reset_kl_share=1e-3, ref_reset_kl_patience=1,
+                      dynamic_sampling="none")
+    trainer = ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
+                           train_dataset=arithmetic_dataset)
+    trainer.train()
+    logs = train_logs(trainer)
+    assert logs[0]["prorl/kl_share"] == 0.0  # step 1: the reference is the policy itself
+    assert logs[1]["prorl/kl_share"] > 1e-3
+    assert trainer.reference_reset.history[0] == {"step": 2, "reason": "kl_share", "requested_at": 2}
+    assert logs[2]["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_validation_trigger(tmp_path, student_path, arithmetic_dataset):
+    # min_delta=10 on a reward in [0, 1]: the second evaluation can never improve, so patience 1 fires there.
+    args = cpu_config(ProRLConfig, tmp_path, max_steps=2, beta=0.1, dynamic_sampling="none",
+                      eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8,
+                      ref_reset_metric="reward", ref_reset_patience=1, ref_reset_min_delta=10.0)
+    trainer = ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
+                           train_dataset=arithmetic_dataset, eval_dataset=arithmetic_dataset.select(range(8)))
+    trainer.train()
+    assert trainer.reference_reset.history == [{"step": 2, "reason": "validation", "requested_at": 2}]
+    assert trainer.reference_reset.triggers.best is not None
+
+
+def test_reset_waits_for_the_rollout_boundary(tmp_path, student_path, arithmetic_dataset):
+    # One rollout feeds two optimizer steps (steps_per_generation=2, GA=1): a reset requested after step 1 would
+    # mix two references in that rollout, so it happens after step 2.
+    args = cpu_config(ProRLConfig, tmp_path, max_steps=4, beta=0.1, ref_reset_steps=1, dynamic_sampling="none",
+                      per_device_train_batch_size=4, steps_per_generation=2)
+    trainer = ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
+                           train_dataset=arithmetic_dataset)
+    trainer.train()
+    assert [(h["step"], h["requested_at"]) for h in trainer.reference_reset.history] == [(2, 1), (4, 3)]
+
+
+def test_resume_after_a_reset_restores_reference_and_history(tmp_path, student_path, arithmetic_dataset):
+    def make(**overrides):
+        args = cpu_config(ProRLConfig, tmp_path, beta=0.1, ref_reset_steps=2, dynamic_sampling="none", **overrides)
+        return ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
+                            train_dataset=arithmetic_dataset)
+
+    first = make(max_steps=2, save_strategy="steps", save_steps=2)
+    first.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "trl_ext_state.pt").is_file()
+    assert "ProRL" in (tmp_path / "README.md").read_text()  # the card is written with every checkpoint
+
+    resumed = make(max_steps=3)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.reference_reset.history == first.reference_reset.history == [
+        {"step": 2, "reason": "schedule", "requested_at": 2}]
+    # The restored reference is the policy of step 2 (not the initial model the trainer rebuilt): the first
+    # rollout after resuming has zero KL, and the reference equals the checkpointed weights.
+    assert train_logs(resumed)[-1]["kl"] == pytest.approx(0.0, abs=1e-7)
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(checkpoint)
+    for (name, p), q in zip(resumed.ref_model.named_parameters(), saved.parameters()):
+        assert torch.equal(p.detach(), q), name
+
+
+def test_callback_checks_its_trainer(tmp_path, student_path, arithmetic_dataset):
+    from trl import GRPOConfig, GRPOTrainer
+
+    plain = GRPOTrainer(model=student_path, reward_funcs=[demo.task_reward],
+                        args=cpu_config(GRPOConfig, tmp_path, beta=0.1), train_dataset=arithmetic_dataset)
+    with pytest.raises(TypeError, match="trl_ext trainer"):
+        ReferenceResetCallback(ResetSchedule(every_steps=5)).attach(plain)
+    no_kl = ProRLTrainer(model=student_path, reward_funcs=[demo.task_reward],
+                         args=cpu_config(ProRLConfig, tmp_path, beta=0.0, dynamic_sampling="none"),
+                         train_dataset=arithmetic_dataset)
+    with pytest.raises(ValueError, match="beta > 0"):
+        ReferenceResetCallback(ResetSchedule(every_steps=5)).attach(no_kl)

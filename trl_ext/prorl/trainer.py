@@ -1,0 +1,286 @@
+"""ProRLTrainer: prolonged RL (arXiv 2505.24864) = GRPO + clip-higher + dynamic sampling + KL with reference resets.
+
+What TRL already does and we only configure (ProRLConfig): decoupled clip (`epsilon`/`epsilon_high`), the token-level
+loss (`loss_type="dapo"`), the KL penalty to a reference (`beta`), the rollout temperature.
+What this trainer adds around TRL's own rollout and loss (all through `super()`):
+* dynamic sampling (`dynamic_sampling.py`): after TRL scores a generation batch, uninformative groups (all rewards
+  equal) are dropped; "refill" generates more rounds through TRL's own `_generate_and_score_completions` for
+  fresh prompts and moves informative groups into the empty slots; "filter" only masks;
+* the reference reset (`trl_ext.core.reference_reset`), fed with the KL share of the loss measured here;
+* the EOS penalty (`eos_penalty.py`), an extra reward function.
+
+Merging refill rounds re-pads prompts on the left to a common width, while TRL scored each round's reference (and,
+when it computes them, old) log-probs at that round's own width. Models with rotary position embeddings (Llama,
+Qwen, Mistral, ...) attend by relative position, so the shift changes those log-probs only by float rounding; with
+absolute position embeddings prefer dynamic_sampling="filter", which never moves rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from .. import _compat
+from ..core import ExtGRPOTrainer, masked_mean
+from ..core.reference_reset import ReferenceResetCallback
+from ..core.reset_triggers import kl_share
+from ..core.trainer import resolve_config
+from .batch_rows import concat_rows, gather_rows, mask_rows, take_rows
+from .config import ProRLConfig
+from .dynamic_sampling import (
+    GroupSelection,
+    informative_groups,
+    informative_needed,
+    kept_rows,
+    local_rows,
+    refill_prompt_indices,
+    select_groups,
+    selected_rows,
+)
+from .eos_penalty import EOSPenalty, with_eos_penalty
+
+
+@dataclass(frozen=True)
+class DynamicSamplingResult:
+    """What dynamic sampling did to one generation batch (identical on every process)."""
+
+    rounds: int  # generation rounds, the first included
+    informative_per_round: tuple[int, ...]  # informative groups generated in each round
+    selection: GroupSelection  # which group fills each slot, and which slots are masked
+    seconds_refilling: float  # wall time of the extra rounds and the merge
+
+    @property
+    def groups_dropped(self) -> int:
+        """Uninformative groups generated (all rounds): dropped from the batch, or masked in it."""
+        slots = len(self.selection.keep)
+        return self.rounds * slots - sum(self.informative_per_round)
+
+
+class ProRLTrainer(ExtGRPOTrainer):
+    """Drop-in replacement for `trl.GRPOTrainer` with the ProRL recipe.
+
+    Args:
+        model, reward_funcs, args, ...: exactly as in `trl.GRPOTrainer` (`args` is a `ProRLConfig`).
+
+    Attributes:
+        reference_reset: the `ReferenceResetCallback` when a reset trigger is configured, else None.
+        last_dynamic_sampling: a `DynamicSamplingResult` for the latest training generation batch.
+    """
+
+    _tag_names = ["trl", "trl_ext", "prorl", "grpo", "dapo"]
+    _name = "ProRL"
+    _paper = {
+        "title": "ProRL: Prolonged Reinforcement Learning Expands Reasoning Boundaries in Large Language Models",
+        "id": "2505.24864",
+        "citation": (
+            "@article{liu2025prorl,\n"
+            "    title   = {{ProRL: Prolonged Reinforcement Learning Expands Reasoning Boundaries in Large Language "
+            "Models}},\n"
+            "    author  = {Mingjie Liu and Shizhe Diao and Ximing Lu and Jian Hu and Xin Dong and Yejin Choi and "
+            "Jan Kautz and Yi Dong},\n"
+            "    journal = {arXiv preprint arXiv:2505.24864},\n"
+            "    year    = {2025}\n"
+            "}"
+        ),
+    }
+    _metric_prefix = "prorl"
+    _card_template = "prorl.md"
+    reports_kl_share = True  # feeds ReferenceResetCallback.observe_kl_share every optimizer step
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs: Any | list[Any] | None = None,
+        args: ProRLConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools: list[Callable] | None = None,
+        rollout_func: Callable | None = None,
+        environment_factory: Callable | None = None,
+    ):
+        args = resolve_config(model, args, ProRLConfig, "ProRL")
+        if args.dynamic_sampling == "refill":
+            check_refill_dataset(train_dataset)
+        self._eos_penalty = None
+        if args.eos_penalty > 0:
+            self._eos_penalty = EOSPenalty(args.eos_penalty)
+            reward_funcs, args = with_eos_penalty(reward_funcs, args, self._eos_penalty)
+            if reward_processing_classes is not None:
+                classes = reward_processing_classes
+                classes = list(classes) if isinstance(classes, list | tuple) else [classes]
+                reward_processing_classes = [*classes, None]
+
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
+        )
+        if self._eos_penalty is not None:
+            self._eos_penalty.eos_token_ids = set(self.eos_token_ids)
+        self.reference_reset: ReferenceResetCallback | None = None
+        schedule = args.reset_schedule()
+        if schedule.enabled:
+            self.reference_reset = ReferenceResetCallback(
+                schedule, reset_optimizer=args.ref_reset_optimizer, state_name="prorl_reference_reset"
+            ).attach(self)
+        self.last_dynamic_sampling: DynamicSamplingResult | None = None
+        self._advantage_scale = math.nan  # mean |advantage| over the loss tokens of the latest rollout
+        self._rollout_tokens = -1  # loss tokens of the latest rollout (all processes)
+        self._step_kl: list[float] = []
+        self._step_entropy: list[float] = []
+        self._refill_draws = (-1, 0)  # (global step, rounds drawn at that step): keys the refill prompts
+
+    # ----- rollout: dynamic sampling ---------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        if self._mode != "train" or self.args.dynamic_sampling == "none":
+            rollout = super()._generate_and_score_completions(inputs)
+            if self._mode == "train":
+                self._note_rollout(rollout)
+            return rollout
+
+        rounds = [super()._generate_and_score_completions(inputs)]
+        rewards = [self.rollout_rewards]
+        informative = [self._informative(rewards[0])]
+        started = time.perf_counter()
+        if self.args.dynamic_sampling == "refill":
+            # Every process holds the same gathered rewards, hence the same count: all run the same rounds.
+            while informative_needed(informative) > 0 and len(rounds) < self.args.dynamic_sampling_max_rounds:
+                rounds.append(super()._generate_and_score_completions(self._refill_inputs(len(inputs))))
+                rewards.append(self.rollout_rewards)
+                informative.append(self._informative(rewards[-1]))
+        selection = select_groups(informative)
+        rollout = self._assemble(rounds, rewards, selection, len(inputs))
+        result = DynamicSamplingResult(
+            rounds=len(rounds),
+            informative_per_round=tuple(int(f.sum()) for f in informative),
+            selection=selection,
+            seconds_refilling=time.perf_counter() - started,
+        )
+        self.last_dynamic_sampling = result
+        self._note_rollout(rollout)
+        slots = len(selection.keep)
+        self.log_metric("refill_rounds", result.rounds - 1)
+        self.log_metric("groups_dropped", result.groups_dropped)
+        self.log_metric("groups_masked", selection.masked)
+        self.log_metric("informative_fraction", result.informative_per_round[0] / slots)
+        self.log_metric("refill_seconds", result.seconds_refilling)
+        return rollout
+
+    def _informative(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        return informative_groups(
+            rewards_per_func, self.reward_weights, self.num_generations, self.multi_objective_aggregation
+        ).cpu()
+
+    def _refill_inputs(self, rows_per_process: int) -> list[dict[str, Any]]:
+        """Fresh dataset rows for one more generation round, laid out like TRL's sampler (prompt repeated G times)."""
+        step, drawn = self._refill_draws
+        drawn = drawn + 1 if step == self.state.global_step else 0
+        self._refill_draws = (self.state.global_step, drawn)
+        num_prompts = rows_per_process * self.accelerator.num_processes // self.num_generations
+        prompts = refill_prompt_indices(
+            len(self.train_dataset), num_prompts, self.args.seed, self.state.global_step, drawn
+        )
+        rows = [index for index in prompts for _ in range(self.num_generations)]
+        return [self.train_dataset[i] for i in local_rows(rows, self.accelerator.process_index, rows_per_process)]
+
+    def _assemble(self, rounds, rewards, selection: GroupSelection, rows_per_process: int) -> dict[str, Any]:
+        """The batch TRL expects (same local size): the selected groups, uninformative slots masked."""
+        process = slice(self.accelerator.process_index * rows_per_process,
+                        (self.accelerator.process_index + 1) * rows_per_process)
+        keep = kept_rows(selection, self.num_generations)
+        if selection.is_identity:  # no group moved: mask in place, no communication
+            rollout = rounds[0]
+            self._rollout_rewards = rewards[0]
+        else:
+            pad_id = self.model.generation_config.pad_token_id  # TRL mirrors the tokenizer's pad id here
+            everything = concat_rows([gather_rows(r, self.accelerator, pad_id) for r in rounds], pad_id)
+            rows = selected_rows(selection, self.num_generations, [r.size(0) for r in rewards])
+            rollout = take_rows(everything, rows[process])
+            self._rollout_rewards = torch.cat(rewards).index_select(0, rows.to(rewards[0].device))
+        num_items = rounds[0]["num_items_in_batch"]
+        rollout = mask_rows(rollout, keep[process])
+        # TRL's token-normalized losses divide by the generation batch's loss-token count: count the kept tokens.
+        count = self.reduce_sum(self.loss_mask(rollout).sum().to(torch.float64))
+        rollout["num_items_in_batch"] = count.round().to(dtype=num_items.dtype, device=num_items.device)
+        return rollout
+
+    def _note_rollout(self, rollout: dict[str, Any]) -> None:
+        """Remember what the loss-time signals need: the rollout's loss-token count and mean |advantage|."""
+        mask = self.loss_mask(rollout).float()
+        advantages = rollout["advantages"].float()
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1).expand_as(mask)
+        self._rollout_tokens = int(rollout["num_items_in_batch"])
+        self._advantage_scale = masked_mean(advantages.abs(), mask, self.reduce_sum).item()
+
+    # ----- loss: per-step KL / entropy signals -----------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        if self._mode == "train":
+            self._record_step_signals()
+        return loss
+
+    def _record_step_signals(self) -> None:
+        """Average TRL's per-micro-batch `kl` and `entropy` (already global) over the optimizer step; at its last
+        micro-batch log them under prorl/, with the KL share, and hand the share to the reset trigger."""
+        # TRL reports 0 for a batch without loss tokens (everything masked); that is "no measurement", not 0.
+        no_tokens = self._rollout_tokens == 0
+        self._step_entropy.append(math.nan if no_tokens else _compat.logged_values(self, "entropy")[-1])
+        if self.beta != 0.0:
+            self._step_kl.append(math.nan if no_tokens else _compat.logged_values(self, "kl")[-1])
+        if not self.accelerator.sync_gradients:
+            return
+        self.log_metric("entropy", nan_mean(self._step_entropy))
+        if self._step_kl:
+            kl = nan_mean(self._step_kl)
+            share = kl_share(self.beta, kl, self._advantage_scale)
+            self.log_metric("kl", kl)
+            self.log_metric("kl_share", share)
+            if self.reference_reset is not None:
+                self.reference_reset.observe_kl_share(share)
+        if self.reference_reset is not None:
+            self.log_metric("resets", self.reference_reset.count)
+        self._step_kl, self._step_entropy = [], []
+
+
+def nan_mean(values: list[float]) -> float:
+    valid = [v for v in values if not math.isnan(v)]
+    return sum(valid) / len(valid) if valid else math.nan
+
+
+def check_refill_dataset(train_dataset) -> None:
+    """Refill draws extra prompts by index, so it needs a map-style dataset."""
+    from datasets import IterableDataset
+
+    if train_dataset is None or isinstance(train_dataset, IterableDataset) or not (
+        hasattr(train_dataset, "__len__") and hasattr(train_dataset, "__getitem__")
+    ):
+        kind = "no train_dataset" if train_dataset is None else f"a {type(train_dataset).__name__}"
+        raise ValueError(
+            f"dynamic_sampling='refill' draws extra prompts from the training dataset by index, but it got {kind}. "
+            "Pass a map-style dataset (datasets.Dataset), or use dynamic_sampling='filter' (masks uninformative "
+            "groups without generating more)."
+        )
