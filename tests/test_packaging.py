@@ -8,13 +8,13 @@ ROOT = Path(__file__).parents[1]
 
 def test_every_subpackage_is_listed_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    on_disk = {"trl_ext"} | {f"trl_ext.{p.parent.name}" for p in (ROOT / "trl_ext").glob("*/__init__.py")}
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "trl_ext").rglob("__init__.py")}
     assert on_disk | {"trl_ext.model_cards"} == listed
 
 
 def test_every_trainer_has_a_card_template():
-    from trl_ext import DelightTrainer, GNDPOTrainer, ProRLTrainer
+    from trl_ext import DelightTrainer, GNDPOTrainer, ProRLTrainer, PurifiedDistillTrainer
     from trl_ext.core.model_card import template_path
 
-    for trainer in (GNDPOTrainer, DelightTrainer, ProRLTrainer):
+    for trainer in (GNDPOTrainer, DelightTrainer, ProRLTrainer, PurifiedDistillTrainer):
         assert template_path(trainer._card_template).is_file()

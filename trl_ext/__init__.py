@@ -4,6 +4,7 @@ from . import _compat  # noqa: F401  (fails early with a clear message on an uns
 from .delight import DelightConfig, DelightTrainer
 from .gndpo import GNDPOConfig, GNDPOTrainer
 from .prorl import ProRLConfig, ProRLTrainer
+from .purify import PurifiedDistillConfig, PurifiedDistillTrainer
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,7 @@ __all__ = [
     "GNDPOTrainer",
     "ProRLConfig",
     "ProRLTrainer",
+    "PurifiedDistillConfig",
+    "PurifiedDistillTrainer",
     "__version__",
 ]

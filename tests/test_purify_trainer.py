@@ -1,0 +1,295 @@
+"""PurifiedDistillTrainer end to end on the demo world: every purification, the advantage glue, checkpoint/resume of
+the routers, evaluation, LoRA, bad input, config parsing and the model card.
+
+The teachers here are cheap and differ in strength: the arithmetic teacher, the weak student itself and an
+untrained model (the full multi-teacher world of `trl_ext.demo.teachers` is exercised by the benchmark).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import cpu_config
+from trl_ext import demo
+from trl_ext.gndpo import gndpo_advantages
+from trl_ext.purify import PURIFICATIONS, PurifiedDistillConfig, PurifiedDistillTrainer
+from trl_ext.purify.target import purified_logps
+
+NEEDS_REWARD = ("aggregation", "plackett_luce", "classifier_router", "similarity_router", "rl_selection")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The demo models are tiny: one thread is as fast, and much faster on a loaded machine (no spinning pool)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teachers(teacher_path, student_path):
+    return [teacher_path, student_path, demo.pretrained_model(demo.untrained(seed=3))]
+
+
+def make_trainer(output_dir, student_path, teachers, dataset, purification="similarity_router", **overrides):
+    overrides.setdefault("router_min_examples", 1)
+    args = cpu_config(PurifiedDistillConfig, output_dir, purification=purification, **overrides)
+    return PurifiedDistillTrainer(model=student_path, reward_funcs=[demo.task_reward], args=args,
+                                  train_dataset=dataset, teacher_models=teachers)
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_state(a, b, path="state"):
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("purification", PURIFICATIONS)
+def test_every_purification_trains_and_logs(tmp_path, student_path, teachers, arithmetic_dataset, purification):
+    trainer = make_trainer(tmp_path, student_path, teachers, arithmetic_dataset, purification)
+    before = trainable(trainer.model)
+    trainer.train()
+    now = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(p, now[n].detach()) for n, p in before.items())
+    first = trainer.state.log_history[0]
+    for key in ("purify/choice/teacher_0", "purify/choice/teacher_2", "purify/signal/teacher_1",
+                "purify/router_accuracy", "purify/disagreement", "purify/decisive_fraction",
+                "purify/fallback_fraction", "purify/score_std", "purify/reverse_kl", "rewards/task_reward/mean"):
+        assert key in first, key
+    assert sum(first[f"purify/choice/teacher_{k}"] for k in range(3)) == pytest.approx(1.0)
+    if purification in ("plackett_luce", "classifier_router", "similarity_router"):
+        # Decide before learning: on the very first rollout a router knows nothing and averages all teachers.
+        assert first["purify/fallback_fraction"] == 1.0
+    if purification == "rl_selection":
+        assert "purify/rl_policy_entropy" in first
+        assert "purify/rl_improvement" in trainer.state.log_history[1]  # measured one rollout later
+    for teacher in trainer.teacher_models:
+        assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_advantages_are_gndpo_advantages_of_the_purified_teacher(tmp_path, student_path, teachers,
+                                                                 arithmetic_dataset):
+    trainer = make_trainer(tmp_path, student_path, teachers, arithmetic_dataset, "classifier_router", max_steps=3)
+    scored = []
+    original = trainer.score_completions
+
+    def record(model, rollout):
+        out = original(model, rollout)
+        scored.append((model, out.clone()))
+        return out
+
+    trainer.score_completions = record
+    seen = {}
+    hook = trainer._postprocess_rollout
+
+    def spy(inputs, rollout):
+        scored.clear()
+        out = hook(inputs, rollout)
+        seen.update(out)
+        return out
+
+    trainer._postprocess_rollout = spy
+    trainer.train()
+    result = trainer.last_purification
+    student = [lp for m, lp in scored if m is trainer.model][0]
+    teacher_logps = torch.stack([[lp for m, lp in scored if m is t][0] for t in trainer.teacher_models])
+    rows = result.weights.repeat_interleave(trainer.num_generations, dim=0)
+    assert rows.shape == (8, 3)
+    torch.testing.assert_close(rows.sum(dim=1), torch.ones(8))
+    mask = seen["completion_mask"].float()
+    expected = gndpo_advantages(purified_logps(teacher_logps, rows), student, mask)
+    torch.testing.assert_close(seen["advantages"], expected.advantages)
+    assert torch.all(seen["advantages"][mask == 0] == 0)
+    # By the third rollout the router has learned and picks teachers (one-hot, or split only between tied ones).
+    assert not result.decision.fallback.any()
+
+
+@pytest.mark.parametrize("purification", ["classifier_router", "rl_selection"])
+def test_checkpoint_restores_router_state(tmp_path, student_path, teachers, arithmetic_dataset, purification):
+    trainer = make_trainer(tmp_path, student_path, teachers, arithmetic_dataset, purification,
+                           save_strategy="steps", save_steps=2, max_steps=2, per_device_train_batch_size=16)
+    trainer.train()
+    saved = copy.deepcopy(trainer.purifier.state_dict())
+    saved_pending = copy.deepcopy(trainer.pending.state_dict())
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "trl_ext_state.pt").is_file()
+    card = (tmp_path / "README.md").read_text()  # GRPOTrainer writes the card at every checkpoint
+    assert "trained with **PurifiedDistill**" in card and "2602.01064" in card
+    assert f"| `purification` | `{purification}` |" in card
+
+    resumed = make_trainer(tmp_path, student_path, teachers, arithmetic_dataset, purification, max_steps=3,
+                           per_device_train_batch_size=16)
+    loaded = {}
+
+    def capture(name, component):
+        load = component.load_state_dict
+
+        def load_and_record(state):
+            load(state)
+            loaded[name] = copy.deepcopy(component.state_dict())
+
+        component.load_state_dict = load_and_record
+
+    capture("purifier", resumed.purifier)
+    capture("pending", resumed.pending)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert_same_state(loaded["purifier"], saved)
+    if purification == "rl_selection":
+        assert saved_pending["batch"] is not None  # a decision whose outcome was not measured yet ...
+        assert_same_state(loaded["pending"], saved_pending)  # ... survives the restart
+        assert "purify/rl_improvement" in resumed.state.log_history[-2]  # and is learned from after it
+    else:
+        assert saved["memory"]["seen"] >= 1, "precondition: the router learned something before the checkpoint"
+        # A router restored with what it learned decides at once instead of averaging.
+        assert resumed.state.log_history[-2]["purify/fallback_fraction"] == 0.0
+    assert resumed.state.global_step == 3
+
+
+def test_evaluation_routes_without_learning(tmp_path, student_path, teachers, arithmetic_dataset):
+    trainer = make_trainer(tmp_path, student_path, teachers, arithmetic_dataset, "similarity_router", max_steps=2,
+                           per_device_eval_batch_size=8)
+    trainer.train()
+    before = copy.deepcopy(trainer.purifier.state_dict())
+    metrics = trainer.evaluate(eval_dataset=arithmetic_dataset.select(range(4)))
+    assert "eval_purify/choice/teacher_0" in metrics and "eval_reward" in metrics
+    assert_same_state(trainer.purifier.state_dict(), before)
+
+
+def test_lora_with_teacher_hidden_state_features(tmp_path, student_path, teachers, arithmetic_dataset):
+    from peft import LoraConfig
+
+    args = cpu_config(PurifiedDistillConfig, tmp_path, purification="classifier_router", router_min_examples=1,
+                      router_features="teacher_hidden")
+    trainer = PurifiedDistillTrainer(
+        model=student_path, reward_funcs=[demo.task_reward], args=args, train_dataset=arithmetic_dataset,
+        teacher_models=teachers,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    before = trainable(trainer.model)
+    assert before and all("lora" in n for n in before)
+    trainer.train()
+    now = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(p, now[n].detach()) for n, p in before.items())
+    hidden_size = trainer.teacher_models[0].config.hidden_size
+    assert trainer.last_purification.batch.features.shape[1] == hidden_size
+
+
+def test_averaging_needs_no_reward_functions(tmp_path, student_path, teachers, arithmetic_dataset):
+    args = cpu_config(PurifiedDistillConfig, tmp_path, purification="none", max_steps=1)
+    trainer = PurifiedDistillTrainer(model=student_path, args=args, train_dataset=arithmetic_dataset,
+                                     teacher_models=teachers)
+    trainer.train()
+    assert trainer.state.log_history[0]["purify/choice/teacher_1"] == pytest.approx(1 / 3)
+
+
+# ----- bad input -------------------------------------------------------------------------------------------------
+def test_empty_teacher_list(tmp_path, student_path, arithmetic_dataset):
+    args = cpu_config(PurifiedDistillConfig, tmp_path)
+    with pytest.raises(ValueError, match="at least one teacher"):
+        PurifiedDistillTrainer(model=student_path, reward_funcs=[demo.task_reward], args=args,
+                               train_dataset=arithmetic_dataset, teacher_models=[])
+    with pytest.raises(ValueError, match="at least one teacher"):
+        PurifiedDistillTrainer(model=student_path, reward_funcs=[demo.task_reward], args=args,
+                               train_dataset=arithmetic_dataset)
+
+
+def test_single_teacher_instead_of_a_list(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    with pytest.raises(TypeError, match=r"teacher_models=\[teacher\]"):
+        PurifiedDistillTrainer(model=student_path, reward_funcs=[demo.task_reward],
+                               args=cpu_config(PurifiedDistillConfig, tmp_path), train_dataset=arithmetic_dataset,
+                               teacher_models=teacher_path)
+
+
+def test_vocabulary_mismatch_names_the_teacher(tmp_path, student_path, teacher_path, other_vocab_path,
+                                               arithmetic_dataset):
+    student_vocab = len(demo.build_tokenizer())
+    with pytest.raises(ValueError, match=rf"teacher 1 .* vocabulary of 100 tokens but the student has {student_vocab}"):
+        PurifiedDistillTrainer(model=student_path, reward_funcs=[demo.task_reward],
+                               args=cpu_config(PurifiedDistillConfig, tmp_path), train_dataset=arithmetic_dataset,
+                               teacher_models=[teacher_path, other_vocab_path])
+
+
+@pytest.mark.parametrize("purification", NEEDS_REWARD)
+def test_purifications_need_a_reward(tmp_path, student_path, teacher_path, arithmetic_dataset,
+                                              purification):
+    with pytest.raises(ValueError, match="no `reward_funcs`"):
+        PurifiedDistillTrainer(model=student_path, args=cpu_config(PurifiedDistillConfig, tmp_path,
+                                                                   purification=purification),
+                               train_dataset=arithmetic_dataset, teacher_models=[teacher_path, teacher_path])
+
+
+def test_grpo_config_is_rejected(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    from trl import GRPOConfig
+
+    with pytest.raises(TypeError, match="PurifiedDistillConfig"):
+        PurifiedDistillTrainer(model=student_path, args=cpu_config(GRPOConfig, tmp_path),
+                               train_dataset=arithmetic_dataset, teacher_models=[teacher_path])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"purification": "vote"}, "purification='vote'"),
+        ({"router_features": "bert"}, "router_features='bert'"),
+        ({"advantage_normalization": "group"}, "advantage_normalization='group'"),
+        ({"teacher_model_names_or_paths": "org/teacher"}, "must be a list"),
+        ({"score_clip": 0.0}, "score_clip"),
+        ({"router_memory_size": 0}, "router_memory_size"),
+        ({"similarity_neighbors": 0}, "similarity_neighbors"),
+        ({"router_ngram_order": 6}, "router_ngram_order"),
+        ({"router_min_examples": -1}, "router_min_examples"),
+        ({"rl_learning_rate": 0.0}, "rl_learning_rate"),
+        ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
+    ],
+)
+def test_bad_config_fails_at_construction(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_config(PurifiedDistillConfig, tmp_path, **overrides)
+
+
+def test_trl_parser_reads_cli_and_yaml(tmp_path):
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    config_file = tmp_path / "recipe.yaml"
+    config_file.write_text(
+        "purification: plackett_luce\nteacher_model_names_or_paths:\n  - org/a\n  - org/b\n"
+        "teacher_model_init_kwargs:\n  dtype: bfloat16\nuse_cpu: true\nbf16: false\n"
+    )
+    parser = TrlParser((ScriptArguments, PurifiedDistillConfig, ModelConfig))
+    _, args, _ = parser.parse_args_and_config(
+        args=["--config", str(config_file), "--output_dir", str(tmp_path), "--similarity_neighbors", "4",
+              "--rl_signal_in_state", "false"]
+    )
+    assert args.purification == "plackett_luce"
+    assert args.teacher_model_names_or_paths == ["org/a", "org/b"]
+    assert args.teacher_model_init_kwargs == {"dtype": "bfloat16"}
+    assert args.similarity_neighbors == 4 and args.rl_signal_in_state is False
+    assert args.router_settings().similarity_neighbors == 4
+
+
+def test_every_new_config_field_has_help():
+    from trl import GRPOConfig
+
+    base = {f.name for f in dataclasses.fields(GRPOConfig)}
+    new = [f for f in dataclasses.fields(PurifiedDistillConfig) if f.name not in base or f.name == "loss_type"]
+    assert len(new) >= 20
+    for f in new:
+        assert f.metadata.get("help"), f.name

@@ -1,0 +1,230 @@
+"""PurifiedDistillConfig: GRPOConfig plus K teachers, the purification method, and GNDPO's advantage settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig
+
+from ..gndpo.config import ADVANTAGE_NORMALIZATIONS
+from .features import FEATURES, MAX_NGRAM_ORDER
+from .methods import PURIFICATIONS, RouterSettings
+
+# Methods that need the verifiable reward (they read or learn from the signal, or the student's improvement).
+NEEDS_REWARD = ("aggregation", "plackett_luce", "classifier_router", "similarity_router", "rl_selection")
+
+
+@dataclass
+class PurifiedDistillConfig(GRPOConfig):
+    r"""Configuration for [`PurifiedDistillTrainer`]: every [`~trl.GRPOConfig`] field, plus the ones below.
+
+    The paper (arXiv 2602.01064) names the five purification methods; it has no public code and its internals are
+    known only from secondary notes, so every router setting below is our choice ([I]) unless it says otherwise.
+    The advantage settings are GNDPO's (official GNDPO code).
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+
+    teacher_model_names_or_paths: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Hub ids or local paths of the K frozen teachers (all must share the student's vocabulary). "
+            "Ignored when `teacher_models` is passed to the trainer."
+        },
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for loading every teacher with `from_pretrained` (e.g. "
+            '\'{"dtype": "bfloat16"}\'); a dict or a JSON string. Only used for teachers given by id or path.'
+        },
+    )
+    teacher_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature applied to every teacher's logits when scoring the sampled tokens."},
+    )
+    purification: str = field(
+        default="similarity_router",
+        metadata={
+            "help": "How the K teachers' signals become one per prompt. 'none': average all teachers (the naive "
+            "multi-teacher baseline); the paper's five: 'aggregation' (all teachers, weighted by their signal on the "
+            "prompt), "
+            "'plackett_luce' (similarity-weighted Plackett-Luce ranking, top teacher), 'classifier_router' (an MLP "
+            "predicts the best teacher), 'similarity_router' (best teacher of the nearest prompts with known "
+            "outcomes), 'rl_selection' (a policy rewarded by the student's improvement). Default: the similarity "
+            "router, which the paper reports as the best conflict mitigator (our choice of default).",
+            "choices": list(PURIFICATIONS),
+        },
+    )
+    score_clip: float = field(
+        default=5.0,
+        metadata={
+            "help": "Per-token log-ratios purified-teacher/student are clipped to [-score_clip, score_clip] before "
+            "normalization (GNDPO's official value)."
+        },
+    )
+    advantage_normalization: str = field(
+        default="global",
+        metadata={
+            "help": "'global' (GNDPO): whiten the clipped scores over every valid completion token of the whole "
+            "generation batch, all processes and micro-batches. 'none': plain on-policy distillation.",
+            "choices": list(ADVANTAGE_NORMALIZATIONS),
+        },
+    )
+    reward_advantage_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of GRPO's reward advantage added to every token's distillation advantage (0: rewards "
+            "only label which teacher is right and are logged)."
+        },
+    )
+    loss_type: str = field(
+        default="grpo",
+        metadata={"help": "TRL's loss aggregation; 'grpo' as in GNDPO's official code (TRL's own default: 'dapo')."},
+    )
+    router_features: str = field(
+        default="ngram",
+        metadata={
+            "help": "What routers see of a prompt. 'ngram': hashed token n-grams (no model, free, identical on every "
+            "machine). 'teacher_hidden': the first teacher's mean-pooled final hidden states over the prompt (a "
+            "frozen LM encoder, closer to the paper's mDeBERTa encoder; one extra teacher pass over the prompts).",
+            "choices": list(FEATURES),
+        },
+    )
+    router_feature_dim: int = field(
+        default=512, metadata={"help": "Number of hash buckets of the 'ngram' router features."}
+    )
+    router_ngram_order: int = field(
+        default=3, metadata={"help": f"Longest token n-gram of the 'ngram' features (1 to {MAX_NGRAM_ORDER})."}
+    )
+    router_memory_size: int = field(
+        default=1024,
+        metadata={"help": "How many decisive prompts (features + per-teacher signal) the routers remember (FIFO)."},
+    )
+    router_min_examples: int = field(
+        default=16,
+        metadata={
+            "help": "Routers average all teachers until they have learned from this many decisive prompts "
+            "(logged as purify/fallback_fraction)."
+        },
+    )
+    similarity_neighbors: int = field(
+        default=16, metadata={"help": "similarity_router: number of nearest remembered prompts that vote."}
+    )
+    plackett_luce_gamma: float = field(
+        default=10.0,
+        metadata={"help": "plackett_luce: similarity weights gamma^(1 + cos), as in RouteLLM (gamma = 10)."},
+    )
+    plackett_luce_steps: int = field(
+        default=20, metadata={"help": "plackett_luce: Newton steps fitting the per-prompt scores."}
+    )
+    classifier_hidden_size: int = field(
+        default=64, metadata={"help": "classifier_router: hidden width of the two-layer MLP."}
+    )
+    classifier_learning_rate: float = field(
+        default=1e-2, metadata={"help": "classifier_router: Adam learning rate of the MLP."}
+    )
+    classifier_steps: int = field(
+        default=4, metadata={"help": "classifier_router: Adam steps on minibatches of the memory after each rollout."}
+    )
+    classifier_batch_size: int = field(
+        default=256, metadata={"help": "classifier_router: prompts per minibatch drawn from the memory."}
+    )
+    aggregation_temperature: float = field(
+        default=0.1,
+        metadata={
+            "help": "aggregation: teacher weights are softmax(signal / temperature) on each prompt (the signal is in "
+            "[0, 1]); large values approach the naive average."
+        },
+    )
+    rl_learning_rate: float = field(
+        default=0.005,
+        metadata={
+            "help": "rl_selection: Adam learning rate of the teacher-selection policy (small: its reward, the "
+            "student's measured improvement, is noisy)."
+        },
+    )
+    rl_entropy_coef: float = field(
+        default=0.01, metadata={"help": "rl_selection: entropy bonus that keeps the policy exploring."}
+    )
+    rl_exploration: float = field(
+        default=0.1,
+        metadata={"help": "rl_selection: share of uniformly random teacher choices mixed into the policy in training."},
+    )
+    rl_signal_in_state: bool = field(
+        default=True,
+        metadata={
+            "help": "rl_selection: give the policy each teacher's signal on the prompt (the paper's state carries "
+            "each teacher's answer correctness); False: the prompt features only."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.purification not in PURIFICATIONS:
+            raise ValueError(
+                f"Unknown `purification={self.purification!r}`. Choose one of {list(PURIFICATIONS)} ('none' averages "
+                "all teachers)."
+            )
+        if self.router_features not in FEATURES:
+            raise ValueError(f"Unknown `router_features={self.router_features!r}`; choose one of {list(FEATURES)}.")
+        if self.advantage_normalization not in ADVANTAGE_NORMALIZATIONS:
+            raise ValueError(
+                f"Unknown `advantage_normalization={self.advantage_normalization!r}`. Choose 'global' (GNDPO) or "
+                "'none' (plain on-policy distillation)."
+            )
+        if isinstance(self.teacher_model_names_or_paths, str):
+            raise ValueError(
+                f"`teacher_model_names_or_paths` must be a list of teachers, got the string "
+                f"{self.teacher_model_names_or_paths!r}. Pass a list, e.g. ['org/teacher-a', 'org/teacher-b']."
+            )
+        positive = {
+            "score_clip": self.score_clip, "teacher_temperature": self.teacher_temperature,
+            "plackett_luce_gamma": self.plackett_luce_gamma, "classifier_learning_rate": self.classifier_learning_rate,
+            "rl_learning_rate": self.rl_learning_rate, "aggregation_temperature": self.aggregation_temperature,
+        }
+        at_least_one = {
+            "router_feature_dim": self.router_feature_dim, "router_memory_size": self.router_memory_size,
+            "similarity_neighbors": self.similarity_neighbors, "plackett_luce_steps": self.plackett_luce_steps,
+            "classifier_hidden_size": self.classifier_hidden_size, "classifier_steps": self.classifier_steps,
+            "classifier_batch_size": self.classifier_batch_size,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"`{name}` must be > 0, got {value}.")
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        if not 1 <= self.router_ngram_order <= MAX_NGRAM_ORDER:
+            raise ValueError(f"`router_ngram_order` must be in [1, {MAX_NGRAM_ORDER}], got {self.router_ngram_order}.")
+        for name in ("router_min_examples", "rl_entropy_coef", "reward_advantage_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.rl_exploration < 1:
+            raise ValueError(f"`rl_exploration` must be in [0, 1), got {self.rl_exploration}.")
+        if self.importance_sampling_level != "token":
+            raise ValueError(
+                f"`importance_sampling_level={self.importance_sampling_level!r}` is not supported: the purified "
+                "distillation advantages are per token, and a sequence-level ratio spreads each token's advantage "
+                "over the whole sequence. Use importance_sampling_level='token'."
+            )
+
+    def router_settings(self) -> RouterSettings:
+        return RouterSettings(
+            memory_size=self.router_memory_size,
+            min_examples=self.router_min_examples,
+            similarity_neighbors=self.similarity_neighbors,
+            plackett_luce_gamma=self.plackett_luce_gamma,
+            plackett_luce_steps=self.plackett_luce_steps,
+            classifier_hidden_size=self.classifier_hidden_size,
+            classifier_learning_rate=self.classifier_learning_rate,
+            classifier_steps=self.classifier_steps,
+            classifier_batch_size=self.classifier_batch_size,
+            aggregation_temperature=self.aggregation_temperature,
+            rl_learning_rate=self.rl_learning_rate,
+            rl_entropy_coef=self.rl_entropy_coef,
+            rl_exploration=self.rl_exploration,
+            rl_signal_in_state=self.rl_signal_in_state,
+            seed=self.seed,
+        )

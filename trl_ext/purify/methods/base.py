@@ -1,0 +1,131 @@
+"""What every purification method is: given the prompts' features (and their signal), weights over the teachers.
+
+A method sees a batch of Q prompts (one per group, gathered from every process) and returns a (Q, K) weight matrix
+whose rows sum to 1: one-hot when it picks a teacher, spread when it combines them or when chosen teachers tie.
+Methods that learn online do so in `learn` (from the signal) or, for the RL selector, in `learn_from_improvement`
+(from the student's measured improvement); the trainer calls `decide` BEFORE `learn` on the same batch, so a
+router never routes a prompt with that prompt's own label and its logged accuracy is a held-out accuracy.
+
+Everything here runs on CPU on identical gathered inputs on every process; `sync_tensors` lists the learned tensors
+the trainer broadcasts from the main process after each update, so processes cannot drift apart numerically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..signal import BEST_TOLERANCE
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """Settings of the learning methods (the config's `router_*`, `similarity_*`, ... fields; all [I])."""
+
+    memory_size: int = 1024
+    min_examples: int = 16
+    similarity_neighbors: int = 16
+    plackett_luce_gamma: float = 10.0
+    plackett_luce_steps: int = 20
+    plackett_luce_l2: float = 0.01
+    classifier_hidden_size: int = 64
+    classifier_learning_rate: float = 1e-2
+    classifier_steps: int = 4
+    classifier_batch_size: int = 256
+    aggregation_temperature: float = 0.1
+    rl_learning_rate: float = 0.005
+    rl_entropy_coef: float = 0.01
+    rl_exploration: float = 0.1
+    rl_signal_in_state: bool = True
+    seed: int = 0
+
+
+@dataclass
+class Decision:
+    weights: torch.Tensor  # (Q, K), rows sum to 1
+    fallback: torch.Tensor  # (Q,) bool: decided by the uniform-average fallback (the method knows too little yet)
+    actions: torch.Tensor | None = None  # (Q,) the sampled teacher, for methods that explore (RL)
+
+
+def uniform_weights(num_prompts: int, num_teachers: int) -> torch.Tensor:
+    return torch.full((num_prompts, num_teachers), 1.0 / num_teachers)
+
+
+def top_choice(scores: torch.Tensor, tolerance: float = BEST_TOLERANCE) -> torch.Tensor:
+    """(Q, K) scores -> weights: all weight on the best teacher, split equally between teachers tied for best."""
+    top = scores.max(dim=1, keepdim=True).values
+    best = (scores >= top - tolerance).float()
+    return best / best.sum(dim=1, keepdim=True)
+
+
+def fallback_decision(num_prompts: int, num_teachers: int) -> Decision:
+    return Decision(uniform_weights(num_prompts, num_teachers), torch.ones(num_prompts, dtype=torch.bool))
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run tiny router math on one thread: on a loaded machine, a multi-threaded pool spinning over
+    microsecond-sized ops can be hundreds of times slower than one thread."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Purifier:
+    """Base class. Subclasses set `name` and implement `_decide` (and `_learn` or `_learn_from_improvement` when
+    they learn); the public methods run them single-threaded."""
+
+    name = "base"
+    learns_from_signal = False
+    learns_from_improvement = False
+
+    def __init__(self, num_teachers: int, feature_dim: int, settings: RouterSettings):
+        self.num_teachers = num_teachers
+        self.feature_dim = feature_dim
+        self.settings = settings
+
+    def decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool = False) -> Decision:
+        """Weights over the teachers for (Q, D) prompt features; `signal` (Q, K) is only read by the RL selector;
+        `explore` makes it sample (training) instead of taking its best choice."""
+        with single_threaded():
+            return self._decide(features, signal, explore)
+
+    def learn(self, features: torch.Tensor, signal: torch.Tensor) -> dict[str, float]:
+        """Learn from a batch of prompts with their signal (NaN rows: no signal). Returns metrics to log."""
+        with single_threaded():
+            return self._learn(features, signal)
+
+    def learn_from_improvement(
+        self, features: torch.Tensor, signal: torch.Tensor, actions: torch.Tensor, improvement: torch.Tensor
+    ) -> dict[str, float]:
+        """Learn from the student's measured improvement after training on the chosen teachers (RL only)."""
+        with single_threaded():
+            return self._learn_from_improvement(features, signal, actions, improvement)
+
+    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool) -> Decision:
+        raise NotImplementedError
+
+    def _learn(self, features: torch.Tensor, signal: torch.Tensor) -> dict[str, float]:
+        return {}
+
+    def _learn_from_improvement(self, features, signal, actions, improvement) -> dict[str, float]:
+        raise NotImplementedError(f"{self.name} does not learn from the student's improvement.")
+
+    def sync_tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

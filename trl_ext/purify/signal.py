@@ -1,0 +1,102 @@
+"""The one definition of "which teacher is right on a prompt", and the conflict between teachers.
+
+The paper does not say how its routers' labels are made ([I] everywhere in this file). In the online trainer a teacher
+never writes an answer; it only scores the student's sampled completions. So a teacher is "right" on a prompt to the
+degree that its likelihoods RANK THE GROUP'S COMPLETIONS THE WAY THE VERIFIABLE REWARD DOES:
+
+    signal[q, k] = sum_{i,j in group q} (r_i - r_j)^+ * agree_k(i, j)  /  sum_{i,j} (r_i - r_j)^+
+    agree_k(i, j) = 1 if l_k(i) > l_k(j),  1/2 if l_k(i) == l_k(j),  0 otherwise
+
+with l_k(i) = sum_t log pi_k(y_it) the teacher's log-likelihood of completion i. It is a reward-gap-weighted AUC
+in [0, 1]: 1 = the teacher prefers every better completion, 1/2 = no information, 0 = confidently wrong (it prefers
+the worse completions). With 0/1 rewards it is the plain pairwise ranking accuracy. It is undefined (NaN) on a
+prompt whose completions all have the same reward: nothing there says which teacher is right.
+
+Every purification method, the router-accuracy metric and the RL selector's state use this one signal; the teachers
+that are "best" on a prompt are those within `tolerance` of its maximum. A prompt is *decisive* when it has a signal
+and not all teachers tie for best; routers learn only from decisive prompts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BEST_TOLERANCE = 1e-6
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of each completion: the sum of its valid tokens' log-probs. (..., B, T) -> (..., B)."""
+    return (token_logps * mask).sum(dim=-1)
+
+
+def ranking_agreement(teacher_seq_logps: torch.Tensor, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The signal: (K, N) teacher log-likelihoods and (N,) rewards of N = Q * group_size completions -> (Q, K).
+
+    Rows are grouped as TRL groups them: consecutive `group_size` completions share a prompt. NaN rewards
+    (unscorable completions) take part in no pair.
+    """
+    num_teachers, num_rows = teacher_seq_logps.shape
+    if num_rows % group_size:
+        raise ValueError(f"{num_rows} completions cannot be split into groups of {group_size}.")
+    logps = teacher_seq_logps.double().view(num_teachers, -1, group_size)  # (K, Q, G)
+    r = rewards.double().view(-1, group_size)  # (Q, G)
+    gap = (r.unsqueeze(2) - r.unsqueeze(1)).nan_to_num(0.0).clamp(min=0.0)  # (Q, G, G): (r_i - r_j)^+
+    diff = logps.unsqueeze(3) - logps.unsqueeze(2)  # (K, Q, G, G): l_k(i) - l_k(j)
+    agree = (diff > 0).double() + 0.5 * (diff == 0).double()
+    total = gap.sum(dim=(1, 2))  # (Q,)
+    agreed = (agree * gap).sum(dim=(2, 3))  # (K, Q)
+    signal = agreed / total.clamp(min=1e-12)
+    signal = torch.where(total > 0, signal, torch.full_like(signal, float("nan")))
+    return signal.t().to(torch.float32)  # (Q, K)
+
+
+def best_teachers(signal: torch.Tensor, tolerance: float = BEST_TOLERANCE) -> torch.Tensor:
+    """(Q, K) bool: the teachers within `tolerance` of the prompt's best signal (all False without a signal)."""
+    valid = ~torch.isnan(signal).any(dim=1, keepdim=True)
+    top = signal.nan_to_num(float("-inf")).max(dim=1, keepdim=True).values
+    return valid & (signal >= top - tolerance)
+
+
+def decisive_prompts(signal: torch.Tensor, tolerance: float = BEST_TOLERANCE) -> torch.Tensor:
+    """(Q,) bool: prompts with a signal on which the teachers do not all tie for best (something to learn)."""
+    best = best_teachers(signal, tolerance)
+    return best.any(dim=1) & (best.sum(dim=1) < signal.size(1))
+
+
+def choice_accuracy(weights: torch.Tensor, signal: torch.Tensor, tolerance: float = BEST_TOLERANCE) -> torch.Tensor:
+    """Router accuracy against the signal: mean over decisive prompts of the weight put on a best teacher.
+
+    For a one-hot choice this is the fraction of prompts routed to a best teacher; for uniform weights it is the
+    expected accuracy of a uniformly random choice. NaN when no prompt is decisive.
+    """
+    decisive = decisive_prompts(signal, tolerance)
+    if not decisive.any():
+        return torch.tensor(float("nan"))
+    on_best = (weights * best_teachers(signal, tolerance).to(weights.dtype)).sum(dim=1)
+    return on_best[decisive].mean()
+
+
+def teacher_conflict(teacher_seq_logps: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The "knowledge conflict": (K, K) rate at which two teachers strictly prefer opposite completions.
+
+    Over every pair of completions of the same prompt that both teachers order strictly, the fraction they order
+    oppositely. Reward-free: it measures disagreement, not who is right. NaN where a teacher pair orders no pair.
+    """
+    num_teachers = teacher_seq_logps.size(0)
+    logps = teacher_seq_logps.double().view(num_teachers, -1, group_size)
+    order = torch.sign(logps.unsqueeze(3) - logps.unsqueeze(2))  # (K, Q, G, G)
+    upper = torch.ones(group_size, group_size, dtype=torch.bool, device=logps.device).triu(diagonal=1)
+    order = order[:, :, upper]  # (K, Q, pairs)
+    both = (order.unsqueeze(1) != 0) & (order.unsqueeze(0) != 0)  # (K, K, Q, pairs)
+    opposite = (order.unsqueeze(1) * order.unsqueeze(0)) < 0
+    counted = both.sum(dim=(2, 3)).double()
+    rate = opposite.sum(dim=(2, 3)).double() / counted.clamp(min=1)
+    return torch.where(counted > 0, rate, torch.full_like(rate, float("nan")))
+
+
+def mean_conflict(conflict: torch.Tensor) -> torch.Tensor:
+    """Mean of the (K, K) conflict matrix over distinct teacher pairs (NaN entries skipped; NaN if none)."""
+    k = conflict.size(0)
+    pairs = conflict[torch.ones(k, k, dtype=torch.bool).triu(diagonal=1)]
+    pairs = pairs[~torch.isnan(pairs)]
+    return pairs.mean() if pairs.numel() else torch.tensor(float("nan"), dtype=conflict.dtype)
