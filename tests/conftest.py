@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from trl_ext import demo  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: a 2-thread pool spinning on a shared 2-core machine is far slower
 
 
 @pytest.fixture(scope="session")
