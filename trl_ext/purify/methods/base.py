@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ..signal import BEST_TOLERANCE
+from ..memory import OutcomeMemory
+from ..signal import BEST_TOLERANCE, decisive_prompts
 
 
 @dataclass(frozen=True)
@@ -129,3 +130,30 @@ class Purifier:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class MemoryRouter(Purifier):
+    """A router that learns by remembering decisive prompts with their signal (`OutcomeMemory`), and routes only
+    once `min_examples` of them have been seen. Subclasses decide from `self.memory`; a subclass that trains on the
+    memory calls `super()._learn` first and extends `state_dict`."""
+
+    learns_from_signal = True
+
+    def __init__(self, num_teachers: int, feature_dim: int, settings: RouterSettings):
+        super().__init__(num_teachers, feature_dim, settings)
+        self.memory = OutcomeMemory(settings.memory_size, feature_dim, num_teachers)
+
+    @property
+    def ready(self) -> bool:
+        return self.memory.seen >= self.settings.min_examples
+
+    def _learn(self, features: torch.Tensor, signal: torch.Tensor) -> dict[str, float]:
+        decisive = decisive_prompts(signal)
+        self.memory.add(features[decisive], signal[decisive])
+        return {"memory_size": float(len(self.memory))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state["memory"])

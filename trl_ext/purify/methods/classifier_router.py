@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from ..memory import OutcomeMemory
-from ..signal import best_teachers, decisive_prompts
-from .base import Decision, Purifier, RouterSettings, fallback_decision, top_choice
+from ..signal import best_teachers
+from .base import Decision, MemoryRouter, RouterSettings, fallback_decision, top_choice
 
 
 def soft_targets(signal: torch.Tensor) -> torch.Tensor:
@@ -36,13 +35,11 @@ def build_mlp(feature_dim: int, hidden_size: int, num_teachers: int, seed: int) 
         )
 
 
-class ClassifierRouter(Purifier):
+class ClassifierRouter(MemoryRouter):
     name = "classifier_router"
-    learns_from_signal = True
 
     def __init__(self, num_teachers: int, feature_dim: int, settings: RouterSettings):
         super().__init__(num_teachers, feature_dim, settings)
-        self.memory = OutcomeMemory(settings.memory_size, feature_dim, num_teachers)
         self.mlp = build_mlp(feature_dim, settings.classifier_hidden_size, num_teachers, settings.seed)
         self.optimizer = torch.optim.Adam(self.mlp.parameters(), lr=settings.classifier_learning_rate)
         self.generator = torch.Generator().manual_seed(settings.seed)
@@ -53,13 +50,12 @@ class ClassifierRouter(Purifier):
 
     def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool) -> Decision:
         q = features.size(0)
-        if self.memory.seen < self.settings.min_examples:
+        if not self.ready:
             return fallback_decision(q, self.num_teachers)
         return Decision(top_choice(self.probabilities(features)), torch.zeros(q, dtype=torch.bool))
 
     def _learn(self, features: torch.Tensor, signal: torch.Tensor) -> dict[str, float]:
-        decisive = decisive_prompts(signal)
-        self.memory.add(features[decisive], signal[decisive])
+        super()._learn(features, signal)
         if len(self.memory) == 0:
             return {"memory_size": 0.0}
         inputs, signals = self.memory.contents()
@@ -79,7 +75,7 @@ class ClassifierRouter(Purifier):
         return [p.data for p in self.mlp.parameters()]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"memory": self.memory.state_dict(), "mlp": self.mlp.state_dict(),
+        return {**super().state_dict(), "mlp": self.mlp.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -17,13 +17,10 @@ The router sees only the prompt. Until `min_examples` decisive prompts are store
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ..memory import OutcomeMemory
-from ..signal import BEST_TOLERANCE, decisive_prompts
-from .base import Decision, Purifier, RouterSettings, fallback_decision, top_choice
+from ..signal import BEST_TOLERANCE
+from .base import Decision, MemoryRouter, RouterSettings, fallback_decision, top_choice
 
 
 def risk_sets(signals: torch.Tensor, tolerance: float = BEST_TOLERANCE) -> torch.Tensor:
@@ -80,18 +77,16 @@ def fit_plackett_luce(signals: torch.Tensor, weights: torch.Tensor, steps: int =
     return xi.float()
 
 
-class PlackettLuceRanking(Purifier):
+class PlackettLuceRanking(MemoryRouter):
     name = "plackett_luce"
-    learns_from_signal = True
 
     def __init__(self, num_teachers: int, feature_dim: int, settings: RouterSettings):
         super().__init__(num_teachers, feature_dim, settings)
-        self.memory = OutcomeMemory(settings.memory_size, feature_dim, num_teachers)
         self.last_scores: torch.Tensor | None = None  # (Q, K) fitted xi of the latest decision, for inspection
 
     def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool) -> Decision:
         q = features.size(0)
-        if self.memory.seen < self.settings.min_examples:
+        if not self.ready:
             return fallback_decision(q, self.num_teachers)
         _, signals = self.memory.contents()
         weights = similarity_weights(self.memory.similarities(features), self.settings.plackett_luce_gamma)
@@ -100,13 +95,3 @@ class PlackettLuceRanking(Purifier):
         # Teachers the rankings cannot tell apart get (numerically almost) equal scores: split the weight.
         return Decision(top_choice(xi, tolerance=1e-4), torch.zeros(q, dtype=torch.bool))
 
-    def _learn(self, features: torch.Tensor, signal: torch.Tensor) -> dict[str, float]:
-        decisive = decisive_prompts(signal)
-        self.memory.add(features[decisive], signal[decisive])
-        return {"memory_size": float(len(self.memory))}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory.load_state_dict(state["memory"])

@@ -11,13 +11,9 @@ falls back to averaging all teachers.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ..memory import OutcomeMemory
-from ..signal import decisive_prompts
-from .base import Decision, Purifier, RouterSettings, fallback_decision, top_choice
+from .base import Decision, MemoryRouter, fallback_decision, top_choice
 
 
 def neighbour_scores(similarities: torch.Tensor, signals: torch.Tensor, num_neighbors: int) -> torch.Tensor:
@@ -27,29 +23,15 @@ def neighbour_scores(similarities: torch.Tensor, signals: torch.Tensor, num_neig
     return signals[nearest].mean(dim=1)
 
 
-class SimilarityRouter(Purifier):
+class SimilarityRouter(MemoryRouter):
     name = "similarity_router"
-    learns_from_signal = True
 
-    def __init__(self, num_teachers: int, feature_dim: int, settings: RouterSettings):
-        super().__init__(num_teachers, feature_dim, settings)
-        self.memory = OutcomeMemory(settings.memory_size, feature_dim, num_teachers)
 
     def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool) -> Decision:
         q = features.size(0)
-        if self.memory.seen < self.settings.min_examples:
+        if not self.ready:
             return fallback_decision(q, self.num_teachers)
         _, signals = self.memory.contents()
         scores = neighbour_scores(self.memory.similarities(features), signals, self.settings.similarity_neighbors)
         return Decision(top_choice(scores), torch.zeros(q, dtype=torch.bool))
 
-    def _learn(self, features: torch.Tensor, signal: torch.Tensor) -> dict[str, float]:
-        decisive = decisive_prompts(signal)
-        self.memory.add(features[decisive], signal[decisive])
-        return {"memory_size": float(len(self.memory))}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory.load_state_dict(state["memory"])
