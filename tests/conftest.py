@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -66,3 +69,21 @@ def cpu_config(config_cls, output_dir, **overrides):
     )
     settings.update(overrides)
     return config_cls(**settings)
+
+
+DISTRIBUTED_SCRIPTS = Path(__file__).parent / "distributed"
+
+
+def torchrun(script: str, *args: str, timeout: int = 300) -> None:
+    """Run tests/distributed/<script> as two real processes (torchrun, gloo on CPU); fail with their output.
+
+    `accelerate launch --cpu --num_processes 2` would silently start one process, so tests use torchrun.
+    """
+    tests = Path(__file__).parent
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(DISTRIBUTED_SCRIPTS / script), *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+

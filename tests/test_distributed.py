@@ -1,26 +1,10 @@
 """A real two-process run (torchrun, gloo on CPU): statistics are global and identical on both ranks."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import torchrun
 from trl_ext.core.stats import masked_moments
-
-SCRIPTS = Path(__file__).parent / "distributed"
-
-
-def torchrun(script: str, *args: str, timeout: int = 300) -> None:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent),
-                                         os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(SCRIPTS / script), *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 @pytest.mark.slow

@@ -1,29 +1,14 @@
 """Two real processes (torchrun, gloo on CPU) stay in step through a refill and a reference reset."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).parent / "distributed"
-
-
-def torchrun(script: str, *args: str, timeout: int = 400) -> None:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent),
-                                         os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(SCRIPTS / script), *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+from conftest import torchrun
 
 
 @pytest.mark.slow
 def test_two_ranks_refill_and_reset_in_step(tmp_path, student_path):
-    torchrun("prorl_two_ranks.py", str(tmp_path))
+    torchrun("prorl_two_ranks.py", str(tmp_path), timeout=400)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0["world_size"] == rank1["world_size"] == 2 and "MULTI_CPU" in rank0["distributed_type"]
     assert len(rank0["batches"]) == len(rank1["batches"]) == 3

@@ -4,7 +4,7 @@ whole batch, and keep identical router state."""
 import pytest
 import torch
 
-from test_distributed import torchrun
+from conftest import torchrun
 from trl_ext.purify.signal import ranking_agreement
 
 
