@@ -33,6 +33,12 @@ def student_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def self_teacher_path() -> str:
+    """The demo's self-teacher: weak alone, reads a solution or feedback shown in its prompt."""
+    return demo.self_teacher_path("arithmetic")
+
+
+@pytest.fixture(scope="session")
 def other_vocab_path(tmp_path_factory) -> str:
     """A tiny model whose vocabulary is larger than the demo tokenizer's (for the mismatch error)."""
     from transformers import LlamaConfig, LlamaForCausalLM

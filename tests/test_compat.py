@@ -25,7 +25,7 @@ def test_private_method_signatures():
 
 def test_private_helpers_exist():
     for name in ("add_fused_lm_head", "create_model_from_path", "get_config_model_id", "prepare_deepspeed",
-                 "prepare_fsdp"):
+                 "prepare_fsdp", "use_adapter", "gather_object", "is_peft_model"):
         assert callable(getattr(_compat, name)), f"TRL {_compat.TRL_VERSION}: {name} moved"
 
 
@@ -56,3 +56,46 @@ def test_rollout_dict_keys_and_shapes(tmp_path, student_path, teacher_path, arit
     assert seen["rewards"].shape == (rows, 1)  # _calculate_rewards returned (N, num_reward_funcs)
     missing_attributes = [a for a in _compat.TRAINER_ATTRIBUTES if not hasattr(trainer, a)]
     assert not missing_attributes, f"TRL {_compat.TRL_VERSION}: GRPOTrainer lost attributes {missing_attributes}"
+
+
+def test_prompt_tokenization_matches_generation(tmp_path, student_path, arithmetic_dataset):
+    """PGPO renders teacher prompts with TRL's own prompt tokenizer: the ids must equal the rollout's prompt ids."""
+    from conftest import cpu_config
+
+    from trl_ext import GNDPOConfig, GNDPOTrainer
+
+    trainer = GNDPOTrainer(model=student_path, args=cpu_config(GNDPOConfig, tmp_path), train_dataset=arithmetic_dataset,
+                           teacher_model=student_path)
+    prompts = [row["prompt"] for row in arithmetic_dataset.select(range(2))]
+    ids = _compat.tokenize_prompts(trainer, prompts)
+    expected = trainer.processing_class.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                                            return_dict=True)["input_ids"]
+    assert ids == [list(x) for x in expected]
+
+
+def test_sync_gradients_marks_the_last_micro_batch(tmp_path, student_path, arithmetic_dataset):
+    """transformers sets `accelerator.sync_gradients` before each micro-batch; PGPO sets the step's LR on the last."""
+    from conftest import cpu_config
+
+    from trl_ext import GNDPOConfig, GNDPOTrainer
+
+    class Recording(GNDPOTrainer):
+        flags = []
+
+        def _compute_loss(self, model, inputs):
+            self.flags.append(_compat.is_last_micro_batch(self))
+            return super()._compute_loss(model, inputs)
+
+    trainer = Recording(model=student_path, args=cpu_config(GNDPOConfig, tmp_path, gradient_accumulation_steps=3),
+                        train_dataset=arithmetic_dataset, teacher_model=student_path)
+    trainer.train()
+    assert trainer.flags == [False, False, True, False, False, True]
+
+
+def test_ema_update_model():
+    import torch
+
+    source, target = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = [0.75 * t.detach() + 0.25 * s.detach() for t, s in zip(target.parameters(), source.parameters())]
+    _compat.ema_update_model(source, target, 0.25)
+    assert all(torch.allclose(t, e) for t, e in zip(target.parameters(), expected))

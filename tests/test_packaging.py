@@ -13,8 +13,8 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 
 def test_every_trainer_has_a_card_template():
-    from trl_ext import DelightTrainer, GNDPOTrainer, ProRLTrainer, PurifiedDistillTrainer
+    from trl_ext import DelightTrainer, GNDPOTrainer, PGPOTrainer, ProRLTrainer, PurifiedDistillTrainer
     from trl_ext.core.model_card import template_path
 
-    for trainer in (GNDPOTrainer, DelightTrainer, ProRLTrainer, PurifiedDistillTrainer):
+    for trainer in (GNDPOTrainer, PGPOTrainer, DelightTrainer, ProRLTrainer, PurifiedDistillTrainer):
         assert template_path(trainer._card_template).is_file()

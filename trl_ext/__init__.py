@@ -3,6 +3,7 @@
 from . import _compat  # noqa: F401  (fails early with a clear message on an unsupported TRL version)
 from .delight import DelightConfig, DelightTrainer
 from .gndpo import GNDPOConfig, GNDPOTrainer
+from .pgpo import PGPOConfig, PGPOTrainer
 from .prorl import ProRLConfig, ProRLTrainer
 from .purify import PurifiedDistillConfig, PurifiedDistillTrainer
 
@@ -13,6 +14,8 @@ __all__ = [
     "DelightTrainer",
     "GNDPOConfig",
     "GNDPOTrainer",
+    "PGPOConfig",
+    "PGPOTrainer",
     "ProRLConfig",
     "ProRLTrainer",
     "PurifiedDistillConfig",

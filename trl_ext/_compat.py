@@ -14,7 +14,13 @@ What we rely on (TRL 1.16):
   ...) -> (logps, entropies, aux_loss)`: we call it to score completions with the student and the teacher.
 - `Trainer._save_checkpoint(model, trial)`, `_load_optimizer_and_scheduler(checkpoint)` and `_get_output_dir(trial)`
   (transformers, overridden by TRL): extended to save and restore trl_ext trainer state with each checkpoint.
-- helpers from `trl.trainer.utils` / `trl.models`: model loading, the fused LM head, DeepSpeed/FSDP preparation.
+- `GRPOTrainer._tokenize_prompts(prompts) -> (prompt_ids, images, multimodal_fields)`: PGPO tokenizes its
+  self-teacher's prompts exactly as TRL tokenizes the student's (chat template, tools, chat_template_kwargs).
+- `accelerator.sync_gradients` is set by transformers' training loop before each micro-batch and is True on the
+  last micro-batch of an optimizer step: PGPO sets that step's learning rate there (before the backward in which
+  DeepSpeed steps).
+- helpers from `trl.trainer.utils` / `trl.models`: model loading, the fused LM head, DeepSpeed/FSDP preparation,
+  adapter switching (`use_adapter`), and the reference-model EMA of `SyncRefModelCallback` (ZeRO-3 aware).
 """
 
 from __future__ import annotations
@@ -43,10 +49,13 @@ check_trl_version()
 
 from trl import GRPOTrainer  # noqa: E402
 from trl.models import prepare_deepspeed, prepare_fsdp  # noqa: E402,F401
+from accelerate.utils import gather_object, is_peft_model  # noqa: E402,F401
+from trl.trainer.callbacks import SyncRefModelCallback  # noqa: E402
 from trl.trainer.utils import (  # noqa: E402,F401
     add_fused_lm_head,
     create_model_from_path,
     get_config_model_id,
+    use_adapter,
 )
 
 # Keys of the dict returned by `_generate_and_score_completions` that trl_ext reads or writes.
@@ -103,6 +112,7 @@ PRIVATE_SIGNATURES = {
     "_save_checkpoint": ["self", "model", "trial"],
     "_load_optimizer_and_scheduler": ["self", "checkpoint"],
     "_get_output_dir": ["self", "trial"],
+    "_tokenize_prompts": ["self", "prompts"],
 }
 
 
@@ -171,3 +181,21 @@ def current_micro_batch(trainer: GRPOTrainer) -> dict:
 def logged_values(trainer: GRPOTrainer, name: str, mode: str = "train") -> list[float]:
     """The values TRL's loss appended to its metric store in this logging window (e.g. 'kl', 'entropy')."""
     return trainer._metrics[mode][name]
+
+
+# ----- used by PGPOTrainer ---------------------------------------------------------------------------------------
+def tokenize_prompts(trainer: GRPOTrainer, prompts: list) -> list[list[int]]:
+    """Token ids of each prompt, rendered and tokenized exactly as GRPOTrainer does for generation."""
+    prompt_ids, _images, _multimodal = trainer._tokenize_prompts(prompts)
+    return [list(ids) for ids in prompt_ids]
+
+
+def is_last_micro_batch(trainer: GRPOTrainer) -> bool:
+    """Whether the micro-batch being computed is the last one before the optimizer steps."""
+    return bool(trainer.accelerator.sync_gradients)
+
+
+def ema_update_model(source: torch.nn.Module, target: torch.nn.Module, rate: float) -> None:
+    """target <- (1 - rate) * target + rate * source, parameter by parameter (gathers ZeRO-3 shards, as TRL does for
+    its TR-DPO reference model)."""
+    SyncRefModelCallback.sync_target_model(source, target, rate)

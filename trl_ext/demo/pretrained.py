@@ -3,7 +3,9 @@
 A `Pretraining` recipe names everything that determines the weights (tasks, steps, seed, architecture, ...);
 its hash is the cache key, so a model is built once per recipe and machine and reused by every test, example
 and benchmark. Later methods add recipes, not machinery: a teacher good at another task, a teacher that is
-confidently wrong on some inputs (`corrupt_fraction`), or a model that reads a worked solution in its prompt.
+confidently wrong on some inputs (`corrupt_fraction`), or a model that reads a worked solution or the environment's
+feedback in its prompt (`privileged_fraction`: SFT rows whose prompt is the self-teacher's, from
+`trl_ext.pgpo.context.teacher_prompt`, showing the correct answer).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from pathlib import Path
 from datasets import Dataset, concatenate_datasets
 from filelock import FileLock
 
+from ..pgpo.context import teacher_prompt
 from .models import TinyArchitecture, build_model
-from .tasks import get_task
+from .tasks import Task, get_task, question_text
 from .tokenizer import build_tokenizer
 
-DEMO_VERSION = 1  # bump when the tokenizer, tasks or training code change what a recipe produces
+DEMO_VERSION = 2  # bump when the tokenizer, tasks or training code change what a recipe produces
 
 
 def cache_root() -> Path:
@@ -45,6 +48,9 @@ class Pretraining:
     num_examples: int = 2000
     seed: int = 0
     corrupt_fraction: float = 0.0  # share of training answers replaced by a wrong one (an unreliable teacher)
+    # Share of prompts replaced by a self-teacher's prompt that shows the correct answer, half of them as a worked
+    # solution and half as the environment's feedback (a model that reads privileged context).
+    privileged_fraction: float = 0.0
     architecture: TinyArchitecture = field(default_factory=TinyArchitecture)
 
     def key(self) -> str:
@@ -80,7 +86,11 @@ def pretrained_model(recipe: Pretraining, cache_dir: str | Path | None = None) -
 
 
 def sft_dataset(recipe: Pretraining) -> Dataset:
-    """Prompt-completion rows for the recipe's tasks; a `corrupt_fraction` of answers is replaced by wrong ones."""
+    """Prompt-completion rows for the recipe's tasks.
+
+    A `corrupt_fraction` of answers is replaced by wrong ones; a `privileged_fraction` of prompts is rewritten into
+    the self-teacher's prompt showing the correct answer (as a solution or as feedback, evenly).
+    """
     parts = []
     for name in recipe.tasks:
         task = get_task(name)
@@ -90,18 +100,22 @@ def sft_dataset(recipe: Pretraining) -> Dataset:
     rng = random.Random(recipe.seed)
 
     def to_sft(row):
-        answer = row["answer"]
+        task, prompt, answer = get_task(row["task"]), row["prompt"], row["answer"]
+        if rng.random() < recipe.privileged_fraction:
+            prompt = privileged_prompt(task, prompt, answer, as_solution=rng.random() < 0.5)
         if rng.random() < recipe.corrupt_fraction:
-            answer = _wrong_answer(answer, rng)
-        return {"completion": [{"role": "assistant", "content": answer}]}
+            answer = task.wrong_answer(answer, rng)
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}]}
 
     return data.map(to_sft, remove_columns=["task", "answer"])
 
 
-def _wrong_answer(answer: str, rng: random.Random) -> str:
-    if answer.isdigit():
-        return str((int(answer) + rng.randint(1, 9)) % 19)
-    return answer[::-1] if answer != answer[::-1] else answer[1:] + answer[:1]
+def privileged_prompt(task: Task, prompt, shown_answer: str, as_solution: bool):
+    """The self-teacher's prompt for `prompt`, showing `shown_answer` as a worked solution or as the feedback."""
+    question = question_text(prompt)
+    if as_solution:
+        return teacher_prompt(prompt, solution=task.solution(question, shown_answer), feedback=None)
+    return teacher_prompt(prompt, solution=None, feedback=task.feedback(question, shown_answer))
 
 
 def _build(recipe: Pretraining, out_dir: Path) -> None:

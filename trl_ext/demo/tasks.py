@@ -1,9 +1,13 @@
 """Synthetic tasks with verifiable rewards, as `datasets.Dataset`s with a conversational `prompt` column.
 
 Every row also carries `task` (the task's name) and `answer` (the exact target completion), so one reward
-function, `task_reward`, scores rows of any task, including mixtures. Tasks know their own worked solution
-(`solution`) for tasks that give a model privileged context (self-distillation), and every split is seeded,
-so train and evaluation prompts are reproducible.
+function, `task_reward`, scores rows of any task, including mixtures. Every split is seeded, so train and
+evaluation prompts are reproducible.
+
+For self-distillation (a policy that teaches itself from privileged context), tasks also know a worked solution to
+show in a prompt (`solution`), the environment's feedback on a failed attempt (`feedback`, like a failing unit
+test's message: "expected 12"), and a plausible wrong answer (`wrong_answer`). `with_feedback` adds a `feedback`
+column to a dataset, optionally misleading on a seeded fraction of rows (`feedback_is_correct` says which).
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ class Task:
         """A worked solution to show in a prompt (self-distillation); by default the answer itself."""
         return answer
 
+    def feedback(self, question: str, answer: str) -> str:
+        """The environment's message on a failed attempt that names `answer` as the expected one. Short on
+        purpose: the demo models have a small context."""
+        return f"expected {answer}"
+
+    def wrong_answer(self, answer: str, rng: random.Random) -> str:
+        """An answer that differs from `answer` (a corrupted label, misleading feedback)."""
+        raise NotImplementedError(f"Task {self.name!r} has no wrong answers; implement `wrong_answer`.")
+
     def dataset(self, num_rows: int, seed: int = 0) -> Dataset:
         rng = random.Random(f"{self.name}-{seed}")
         rows = [self.sample(rng) for _ in range(num_rows)]
@@ -53,6 +66,13 @@ class Arithmetic(Task):
     def sample(self, rng: random.Random) -> tuple[str, str]:
         a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
         return f"{a}+{b}=", str(a + b)
+
+    def wrong_answer(self, answer: str, rng: random.Random) -> str:
+        # Shifted modulo the number of possible sums, so a wrong answer looks like a right one (never equal: the
+        # shift is never a multiple of the modulus, and an answer above the range, e.g. a corrupted teacher's
+        # label, maps below it).
+        num_sums = 2 * self.max_operand + 1
+        return str((int(answer) + rng.randint(1, num_sums - 1)) % num_sums)
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,13 @@ class Reversal(Task):
         produced = completion.strip()
         return sum(p == a for p, a in zip(produced, answer)) / len(answer)
 
+    def wrong_answer(self, answer: str, rng: random.Random) -> str:
+        # The question's word copied unreversed is the natural mistake; a palindrome has to change a symbol.
+        if answer != answer[::-1]:
+            return answer[::-1]
+        replaced = self.alphabet[(self.alphabet.index(answer[0]) + 1) % len(self.alphabet)]
+        return replaced + answer[1:]
+
 
 TASKS: dict[str, Task] = {task.name: task for task in (Arithmetic(), Reversal())}
 
@@ -100,11 +127,34 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def with_feedback(dataset: Dataset, misleading_fraction: float = 0.0, seed: int = 0) -> Dataset:
+    """`dataset` (rows with `prompt`, `task`, `answer`) plus the environment's `feedback` on each prompt.
+
+    Each row is misleading independently with probability `misleading_fraction` (seeded): its feedback names a wrong
+    answer, and `feedback_is_correct` is False. TRL's trainers shuffle the dataset, so every optimizer batch sees
+    about that fraction of misleading rows, varying binomially from batch to batch.
+    """
+    rng = random.Random(f"feedback-{seed}")
+    feedback, is_correct = [], []
+    for prompt, name, answer in zip(dataset["prompt"], dataset["task"], dataset["answer"]):
+        task = get_task(name)
+        misleading = rng.random() < misleading_fraction
+        named = task.wrong_answer(answer, rng) if misleading else answer
+        feedback.append(task.feedback(question_text(prompt), named))
+        is_correct.append(not misleading)
+    return dataset.add_column("feedback", feedback).add_column("feedback_is_correct", is_correct)
+
+
 def completion_text(completion) -> str:
     """The text of a completion, conversational (list of messages) or plain."""
     if isinstance(completion, list):
         return completion[-1]["content"] if completion else ""
     return completion
+
+
+def question_text(prompt) -> str:
+    """The question of a prompt: its last (user) message's text, or the plain-text prompt."""
+    return completion_text(prompt)  # a prompt has a completion's shape: a list of messages or plain text
 
 
 def task_reward(completions, task, answer, **kwargs) -> list[float]:

@@ -14,7 +14,9 @@ from transformers import PreTrainedTokenizerFast
 PAD, EOS, BOS_TURN, UNK = "<|pad|>", "<|im_end|>", "<|im_start|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, UNK, BOS_TURN, EOS]
 ROLE_TOKENS = ["system", "user", "assistant"]  # one token each, so the template costs few positions
-CHARACTERS = string.digits + string.ascii_lowercase + " +-*=?:;,.!()<>|/#\n"
+# Uppercase comes last so that the ids of the original characters did not move when it was added (for the
+# self-teacher's prompt templates, e.g. "Correct solution:").
+CHARACTERS = string.digits + string.ascii_lowercase + " +-*=?:;,.!()<>|/#\n" + string.ascii_uppercase
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

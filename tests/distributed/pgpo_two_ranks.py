@@ -1,0 +1,59 @@
+"""Run by tests/test_pgpo_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU).
+
+Each rank trains PGPO with gradient accumulation (groups span ranks, feedback on some prompts) and writes, for every
+optimizer step, its own local information statistics (summed over its micro-batches) and the I_k / m_k it used,
+plus a final parameter checksum, to <out_dir>/rank<k>.pt.
+"""
+
+import os
+import sys
+
+import torch
+
+from conftest import cpu_config  # tests/ is on PYTHONPATH (see conftest.torchrun)
+from trl_ext import PGPOConfig, PGPOTrainer, demo
+
+out_dir, estimator = sys.argv[1], sys.argv[2]
+rank = int(os.environ["RANK"])
+torch.set_num_threads(1)
+
+
+class RecordingPGPOTrainer(PGPOTrainer):
+    steps: list = []
+
+    def _modulate_step_size(self):
+        local = self._step_statistics.clone().cpu()
+        super()._modulate_step_size()
+        metrics = self._metrics["train"]
+        self.steps.append({"local": local, "multiplier": metrics["pgpo/multiplier"][-1],
+                           "information": metrics["pgpo/information"][-1] if "pgpo/information" in metrics else None,
+                           "lr": [group["lr"] for group in self.optimizer.param_groups]})
+
+
+dataset = demo.get_task("arithmetic").dataset(64, seed=3)
+dataset = dataset.add_column("feedback", [f"expected {a}" if i % 3 == 0 else "" for i, a in enumerate(dataset["answer"])])
+args = cpu_config(
+    PGPOConfig,
+    os.path.join(out_dir, "run"),
+    max_steps=3,
+    per_device_train_batch_size=4,  # with num_generations=4, groups are split over ranks and micro-batches
+    gradient_accumulation_steps=2,
+    learning_rate=1e-3,
+    distillation_topk=8,
+    information_estimator=estimator,
+    multiplier_min=0.2,
+    multiplier_max=5.0,
+    ddp_find_unused_parameters=False,
+)
+trainer = RecordingPGPOTrainer(model=demo.student_path("arithmetic"), reward_funcs=[demo.task_reward], args=args,
+                               train_dataset=dataset)
+trainer.train()
+torch.save(
+    {
+        "world_size": trainer.accelerator.num_processes,
+        "steps": trainer.steps,
+        "buckets": args.agreement_buckets,
+        "checksum": sum(p.detach().double().sum().item() for p in trainer.model.parameters()),
+    },
+    os.path.join(out_dir, f"rank{rank}.pt"),
+)

@@ -1,0 +1,43 @@
+"""Two real processes (torchrun, gloo on CPU) agree on PGPO's I_k and m_k, which are those of the whole step."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import torchrun
+from trl_ext.pgpo.information import mutual_information
+from trl_ext.pgpo.trainer import CORRECTION, JOINT, TOKENS
+
+
+def information_of(stats, estimator, buckets):
+    if estimator == "correction":
+        return (stats[CORRECTION] / stats[TOKENS]).item()
+    side = math.isqrt(stats.numel() - JOINT)  # min(agreement_buckets, vocabulary) + the tail bucket
+    return mutual_information(stats[JOINT:].view(side, side)).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["agreement", "correction"])
+def test_two_ranks_agree_on_the_step_multiplier(tmp_path, student_path, estimator):
+    torchrun("pgpo_two_ranks.py", str(tmp_path), estimator)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["world_size"] == 2 and len(rank0["steps"]) == len(rank1["steps"]) == 3
+    differs_from_local = False
+    for s0, s1 in zip(rank0["steps"], rank1["steps"]):
+        assert s0["multiplier"] == s1["multiplier"] and s0["lr"] == s1["lr"]
+        assert s0["information"] == s1["information"]
+        union = s0["local"] + s1["local"]
+        if union[TOKENS] == 0:
+            assert s0["information"] is None
+            continue
+        # I_k is that of both ranks' tokens together (each rank's statistics already span its micro-batches) ...
+        assert s0["information"] == pytest.approx(information_of(union, estimator, rank0["buckets"]), rel=1e-9)
+        # ... not of either rank alone.
+        for local in (s0["local"], s1["local"]):
+            if local[TOKENS] > 0:
+                alone = information_of(local, estimator, rank0["buckets"])
+                differs_from_local |= abs(alone - s0["information"]) > 1e-6
+    assert differs_from_local
+    assert any(s["multiplier"] != 1.0 for s in rank0["steps"][1:])
+    assert rank0["checksum"] == pytest.approx(rank1["checksum"], rel=1e-9)  # DDP kept the replicas identical

@@ -1,0 +1,296 @@
+"""PGPOTrainer end to end: SDPO's loss by hand, the teacher's contexts, the step-size multiplier on the learning rate,
+EMA teachers (full copy and LoRA adapter), checkpoints, errors."""
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, TrainerCallback
+from trl import GRPOConfig
+
+from conftest import cpu_config
+from trl_ext import PGPOConfig, PGPOTrainer, demo
+from trl_ext.pgpo.trainer import HAS_CONTEXT, TEACHER_PROMPT_IDS, TEACHER_PROMPT_MASK
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+class RecordingPGPOTrainer(PGPOTrainer):
+    """Keeps each rollout, each micro-batch the loss saw, and the learning rate each step ran with."""
+
+    def __init__(self, *args, **kwargs):
+        self.rollouts, self.micro_batches, self.step_lrs = [], [], []
+        super().__init__(*args, **kwargs)
+
+    def _postprocess_rollout(self, inputs, rollout):
+        rollout = super()._postprocess_rollout(inputs, rollout)
+        self.rollouts.append(({k: v.clone() if torch.is_tensor(v) else v for k, v in rollout.items()},
+                              self.rollout_rewards.clone(), [dict(row) for row in inputs]))
+        return rollout
+
+    def _compute_loss(self, model, inputs):
+        self.micro_batches.append({k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()})
+        loss = super()._compute_loss(model, inputs)
+        if self.model.training and self._scheduled_learning_rates is not None:
+            self.step_lrs.append((self._scheduled_learning_rates[0], self.optimizer.param_groups[0]["lr"]))
+        return loss
+
+
+def make(tmp_path, model, dataset, cls=RecordingPGPOTrainer, peft_config=None, eval_dataset=None, **overrides):
+    settings = dict(distillation_topk=8, seed=0)
+    settings.update(overrides)
+    return cls(model=model, reward_funcs=[demo.task_reward], args=cpu_config(PGPOConfig, tmp_path, **settings),
+               train_dataset=dataset, eval_dataset=eval_dataset, peft_config=peft_config)
+
+
+def parameters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ----- SDPO exactly ----------------------------------------------------------------------------------------------
+def sdpo_loss_by_hand(model, batch, topk, alpha):
+    """The official SDPO loss written out: top-k (+ tail) generalized JSD, token mean over tokens with a context."""
+    def log_probs(prompt_ids, prompt_mask):
+        ids = torch.cat([prompt_ids, batch["completion_ids"]], 1)
+        mask = torch.cat([prompt_mask, batch["completion_mask"]], 1)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        t = batch["completion_ids"].size(1)
+        return logits[:, -t - 1:-1].float().log_softmax(-1)
+
+    student = log_probs(batch["prompt_ids"], batch["prompt_mask"])
+    with torch.no_grad():
+        teacher = log_probs(batch[TEACHER_PROMPT_IDS], batch[TEACHER_PROMPT_MASK])
+    idx = student.topk(topk, -1).indices
+    p, q = student.gather(-1, idx), teacher.gather(-1, idx)
+    p = torch.cat([p, torch.log1p(-p.exp().sum(-1, keepdim=True))], -1)
+    q = torch.cat([q, torch.log1p(-q.exp().sum(-1, keepdim=True))], -1)
+    m = torch.log((1 - alpha) * p.exp() + alpha * q.exp())
+    divergence = (1 - alpha) * (p.exp() * (p - m)).sum(-1) + alpha * (q.exp() * (q - m)).sum(-1)
+    mask = batch["completion_mask"] * batch[HAS_CONTEXT].unsqueeze(1)
+    return (divergence * mask).sum() / mask.sum()
+
+
+def test_one_step_is_the_sdpo_update_by_hand(tmp_path, student_path, arithmetic_dataset):
+    trainer = make(tmp_path, student_path, arithmetic_dataset, max_steps=1, optim="sgd", learning_rate=0.5,
+                   max_grad_norm=0.0, lr_scheduler_type="constant", step_size_modulation=False,
+                   distillation_topk=5, distillation_alpha=0.3)
+    trainer.train()
+    batch = trainer.micro_batches[0]
+    assert batch[HAS_CONTEXT].sum() > 0
+    model = AutoModelForCausalLM.from_pretrained(student_path)  # the initial weights: student and teacher at step 1
+    sdpo_loss_by_hand(model, batch, topk=5, alpha=0.3).backward()
+    trained = dict(trainer.model.named_parameters())
+    for name, param in model.named_parameters():
+        expected = param.detach() - 0.5 * param.grad
+        assert torch.allclose(trained[name].detach(), expected, atol=1e-6), name
+
+
+def test_multiplier_off_is_sdpo_exactly(tmp_path, student_path, arithmetic_dataset):
+    """Same data and seed: SDPO (modulation off) and PGPO whose multiplier is pinned to 1 end at identical weights;
+    PGPO with its real multiplier does not."""
+    runs = {}
+    for name, overrides in {
+        "sdpo": dict(step_size_modulation=False),
+        "pinned": dict(multiplier_min=1.0, multiplier_max=1.0),
+        "pgpo": dict(multiplier_min=0.2, multiplier_max=5.0),
+    }.items():
+        trainer = make(tmp_path / name, student_path, arithmetic_dataset, max_steps=3, learning_rate=1e-3,
+                       per_device_train_batch_size=16, **overrides)
+        trainer.train()
+        runs[name] = (parameters(trainer.model), trainer)
+    sdpo, pinned, pgpo = (runs[k][0] for k in ("sdpo", "pinned", "pgpo"))
+    assert all(torch.equal(sdpo[n], pinned[n]) for n in sdpo)
+    assert any(not torch.equal(sdpo[n], pgpo[n]) for n in sdpo)
+    multipliers = [h["pgpo/multiplier"] for h in runs["pgpo"][1].state.log_history if "pgpo/multiplier" in h]
+    assert multipliers[0] == 1.0 and any(m != 1.0 for m in multipliers[1:])
+    logged = [h for h in runs["sdpo"][1].state.log_history if "pgpo/information" in h]
+    assert logged and all(h["pgpo/multiplier"] == 1.0 for h in logged)  # SDPO still logs I_k
+
+
+def test_multiplier_scales_the_learning_rate_of_its_step_only(tmp_path, student_path, arithmetic_dataset):
+    deltas = {}
+    for m in (1.0, 1.7):
+        trainer = make(tmp_path / str(m), student_path, arithmetic_dataset, max_steps=2, optim="sgd",
+                       learning_rate=0.2, max_grad_norm=0.0, lr_scheduler_type="linear", gradient_accumulation_steps=2)
+        trainer.step_size.multiplier = lambda information, m=m: m  # pin m_k
+        before = parameters(AutoModelForCausalLM.from_pretrained(student_path))
+        after = []
+
+        class AfterStep(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                after.append(parameters(model))
+
+        trainer.add_callback(AfterStep())
+        trainer.train()
+        deltas[m] = {n: after[0][n] - before[n] for n in before}
+        # Each step ran at m * the scheduled rate, and the schedule's own rate was restored after it.
+        assert [actual / scheduled for scheduled, actual in trainer.step_lrs] == pytest.approx([m, m])
+        assert [s for s, _ in trainer.step_lrs] == pytest.approx([0.2, 0.1])  # linear decay, unaffected by m
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.lr_scheduler.get_last_lr()[0])
+    for name in deltas[1.0]:  # plain SGD: the first step's update is exactly m times larger
+        assert torch.allclose(deltas[1.7][name], 1.7 * deltas[1.0][name], atol=1e-6), name
+
+
+# ----- contexts ------------------------------------------------------------------------------------------------
+def test_teacher_prompts_show_a_successful_sibling_or_the_feedback(tmp_path, student_path, arithmetic_dataset):
+    feedback = [f"expected {a}" if i % 2 else "" for i, a in enumerate(arithmetic_dataset["answer"])]
+    dataset = arithmetic_dataset.add_column("feedback", feedback)
+    trainer = make(tmp_path, student_path, dataset, max_steps=2)
+    trainer.train()
+    tokenizer = trainer.processing_class
+    seen = {"solution": 0, "feedback": 0, "none": 0}
+    for rollout, rewards, rows in trainer.rollouts:
+        texts = tokenizer.batch_decode(rollout[TEACHER_PROMPT_IDS], skip_special_tokens=False)
+        completions = tokenizer.batch_decode(rollout["completion_ids"], skip_special_tokens=True)
+        for i, (text, row) in enumerate(zip(texts, rows)):
+            group = slice(i - i % 4, i - i % 4 + 4)
+            siblings = [j for j in range(group.start, group.stop) if j != i and rewards[j, 0] >= 0.5]
+            question = row["prompt"][-1]["content"]
+            if siblings:
+                shown = completions[siblings[0]].strip()
+                assert f"{question}\nCorrect solution:\n\n{shown}\n\n" in text and "feedback" not in text
+                assert shown == row["answer"] and rollout[HAS_CONTEXT][i] == 1
+                seen["solution"] += 1
+            elif row["feedback"]:
+                assert f"unsuccessful earlier attempt:\n\nexpected {row['answer']}\n\n" in text
+                assert rollout[HAS_CONTEXT][i] == 1
+                seen["feedback"] += 1
+            else:
+                assert rollout[HAS_CONTEXT][i] == 0 and "Correct" not in text
+                seen["none"] += 1
+            assert text.replace("<|pad|>", "").endswith("Correctly solve the original question.<|im_end|>\n"
+                                                        "<|im_start|>assistant\n") or rollout[HAS_CONTEXT][i] == 0
+    assert all(seen.values()), seen
+    fractions = [h["pgpo/usable_context_fraction"] for h in trainer.state.log_history if "pgpo/usable_context_fraction" in h]
+    assert 0 < fractions[0] < 1
+
+
+def test_completions_without_context_get_no_loss(tmp_path, student_path, arithmetic_dataset):
+    impossible = arithmetic_dataset.map(lambda row: {"answer": "never"})  # no success, no feedback anywhere
+    trainer = make(tmp_path, student_path, impossible, max_steps=1)
+    before = parameters(trainer.model)
+    trainer.train()
+    assert trainer.micro_batches[0][HAS_CONTEXT].sum() == 0
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert trainer.state.log_history[0]["pgpo/multiplier"] == 1.0 and "pgpo/information" not in \
+        trainer.state.log_history[0]
+
+
+# ----- the self-teacher -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_ema_teacher_follows_the_student(tmp_path, student_path, arithmetic_dataset, use_lora):
+    trainer = make(tmp_path, student_path, arithmetic_dataset, max_steps=1, peft_config=LORA if use_lora else None,
+                   teacher_update_rate=0.25, per_device_train_batch_size=32)  # 8 groups: some succeed
+    teacher = trainer.self_teacher
+    if use_lora:
+        assert "teacher" in trainer.model.peft_config and not any(t.requires_grad for t, _ in teacher.adapter_pairs)
+        initial = [t.detach().clone() for t, _ in teacher.adapter_pairs]
+        assert all(torch.equal(t, s) for t, s in teacher.adapter_pairs)  # starts as the student's adapter
+    else:
+        initial = [p.detach().clone() for p in teacher.copy.parameters()]
+    trainer.train()
+    pairs = teacher.adapter_pairs or list(zip(teacher.copy.parameters(), trainer.model.parameters()))
+    moved = False
+    for (t, s), t0 in zip(pairs, initial):
+        assert torch.allclose(t, 0.75 * t0 + 0.25 * s.detach(), atol=1e-6)
+        moved |= not torch.equal(t, t0)
+    assert moved and teacher.updates == 1
+
+
+def test_initial_and_live_teachers(tmp_path, student_path, arithmetic_dataset):
+    frozen = make(tmp_path / "initial", student_path, arithmetic_dataset, max_steps=2, peft_config=LORA,
+                  teacher_model_kind="initial")
+    initial = [t.detach().clone() for t, _ in frozen.self_teacher.adapter_pairs]
+    frozen.train()
+    assert all(torch.equal(t, t0) for (t, _), t0 in zip(frozen.self_teacher.adapter_pairs, initial))
+    live = make(tmp_path / "live", student_path, arithmetic_dataset, max_steps=2, teacher_model_kind="live")
+    live.train()
+    assert live.self_teacher.copy is None and "self_teacher" not in live._stateful_components
+
+
+def test_checkpoint_resume_restores_teacher_and_step_size(tmp_path, student_path, arithmetic_dataset):
+    full = make(tmp_path / "full", student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=3,
+                save_strategy="steps", save_steps=2, peft_config=LORA)
+    full.train()
+    state = torch.load(tmp_path / "full" / "checkpoint-2" / "trl_ext_state.pt", weights_only=False)
+    assert set(state) == {"self_teacher", "step_size"} and state["self_teacher"]["updates"] == 2
+    assert state["step_size"]["steps"] >= 1 and state["step_size"]["running_mean"] is not None
+
+    resumed = make(tmp_path / "resumed", student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=3,
+                   peft_config=LORA)
+    restored = {}
+    original_load = resumed._load_optimizer_and_scheduler
+
+    def load_and_record(checkpoint):
+        original_load(checkpoint)
+        restored["teacher"] = [t.detach().clone() for t, _ in resumed.self_teacher.adapter_pairs]
+        restored["step_size"] = resumed.step_size.state_dict()
+
+    resumed._load_optimizer_and_scheduler = load_and_record
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert restored["step_size"] == state["step_size"]
+    assert all(torch.equal(t, s) for t, s in zip(restored["teacher"], state["self_teacher"]["weights"]))
+    assert resumed.self_teacher.updates == 3 and resumed.step_size.steps >= state["step_size"]["steps"]
+
+
+# ----- everything else a GRPOTrainer user expects --------------------------------------------------------------
+def test_hybrid_loss_and_evaluation(tmp_path, student_path, arithmetic_dataset):
+    trainer = make(tmp_path, student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=2, distillation_weight=0.5,
+                   eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8,
+                   eval_dataset=arithmetic_dataset.select(range(8)))
+    trainer.train()
+    logs = {k for h in trainer.state.log_history for k in h}
+    assert {"pgpo/divergence", "entropy", "eval_loss"} <= logs  # TRL's policy-loss metrics are there too
+
+
+def test_off_policy_steps_use_clipped_importance_weights(tmp_path, student_path, arithmetic_dataset):
+    trainer = make(tmp_path, student_path, arithmetic_dataset, max_steps=2, num_iterations=2)
+    trainer.train()
+    assert all(batch.get("old_per_token_logps") is not None for batch in trainer.micro_batches)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(distillation_alpha=1.5), "distillation_alpha"),
+        (dict(distillation_topk=0), "distillation_topk"),
+        (dict(teacher_model_kind="frozen"), "teacher_model_kind"),
+        (dict(information_estimator="entropy"), "information_estimator"),
+        (dict(multiplier_min=1.5), "multiplier_min"),
+        (dict(distillation_weight=0.0), "distillation_weight"),
+        (dict(beta=0.04), "beta=0.04"),
+        (dict(solution_template="no field"), "successful_previous_attempt"),
+    ],
+)
+def test_bad_config_fails_at_construction(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_config(PGPOConfig, tmp_path, **overrides)
+
+
+def test_grpo_config_is_rejected(tmp_path, student_path, arithmetic_dataset):
+    with pytest.raises(TypeError, match="PGPOConfig"):
+        PGPOTrainer(model=student_path, reward_funcs=[demo.task_reward], args=cpu_config(GRPOConfig, tmp_path),
+                    train_dataset=arithmetic_dataset)
+
+
+def test_every_new_config_field_has_help():
+    import dataclasses
+
+    base = {f.name for f in dataclasses.fields(GRPOConfig)}
+    new = [f for f in dataclasses.fields(PGPOConfig) if f.name not in base]
+    assert len(new) >= 20
+    for f in new:
+        assert f.metadata.get("help"), f.name
+
+
+def test_trl_parser_reads_cli_and_yaml(tmp_path):
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    config_file = tmp_path / "recipe.yaml"
+    config_file.write_text("distillation_alpha: 1.0\ninformation_estimator: correction\ndistillation_topk: 20\n"
+                           "use_cpu: true\nbf16: false\n")
+    parser = TrlParser((ScriptArguments, PGPOConfig, ModelConfig))
+    _, args, _ = parser.parse_args_and_config(
+        args=["--config", str(config_file), "--output_dir", str(tmp_path), "--multiplier_max", "3.0",
+              "--step_size_modulation", "false"])
+    assert (args.distillation_alpha, args.information_estimator, args.distillation_topk) == (1.0, "correction", 20)
+    assert args.multiplier_max == 3.0 and args.step_size_modulation is False

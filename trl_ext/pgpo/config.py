@@ -1,0 +1,170 @@
+"""PGPOConfig: GRPOConfig plus SDPO's self-distillation settings and PGPO's step-size multiplier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .context import FEEDBACK_TEMPLATE, REPROMPT_TEMPLATE, SOLUTION_TEMPLATE
+from .information import ESTIMATORS
+from .teacher import TEACHER_KINDS
+
+
+@dataclass
+class PGPOConfig(GRPOConfig):
+    r"""Configuration for [`PGPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the ones below.
+
+    Self-distillation defaults follow the official SDPO code's science runs (lasgroup/SDPO, the YAML values that
+    actually run: alpha 0.5, top-k 100 with a tail bucket, EMA teacher at rate 0.05, importance weights clipped at 2).
+    PGPO's multiplier has no public code; its form and defaults are ours (see `trl_ext/pgpo/step_size.py`).
+    """
+
+    # ----- the self-teacher's context (SDPO) -----
+    success_reward_threshold: float = field(
+        default=0.5,
+        metadata={"help": "A rollout is a success (a demonstration for its siblings) when its reward, summed over "
+                  "reward functions with `reward_weights`, is >= this (official YAML: 0.5; binary rewards: any value "
+                  "in (0, 1])."},
+    )
+    dont_reprompt_on_self_success: bool = field(
+        default=True,
+        metadata={"help": "Show a completion another successful sibling, never itself (official default)."},
+    )
+    remove_thinking_from_demonstration: bool = field(
+        default=True,
+        metadata={"help": "Strip <think>...</think> blocks from the demonstration shown to the teacher."},
+    )
+    include_environment_feedback: bool = field(
+        default=True,
+        metadata={"help": "Show the environment feedback (the `feedback_column` of the dataset) to the teacher."},
+    )
+    environment_feedback_only_without_solution: bool = field(
+        default=True,
+        metadata={"help": "Show feedback only to completions whose group has no successful sibling (official "
+                  "default): a demonstration then takes precedence."},
+    )
+    feedback_column: str = field(
+        default="feedback",
+        metadata={"help": "Dataset column with the environment's text feedback for each prompt (e.g. a failing "
+                  "test's message). Rows without it, or with an empty string, have no feedback."},
+    )
+    max_reprompt_length: int = field(
+        default=10240,
+        metadata={"help": "Teacher prompts longer than this many tokens keep their last tokens (official: 10240)."},
+    )
+    reprompt_template: str = field(
+        default=REPROMPT_TEMPLATE,
+        metadata={"help": "The teacher's user turn; fields {prompt}, {solution}, {feedback} (official template)."},
+    )
+    solution_template: str = field(
+        default=SOLUTION_TEMPLATE,
+        metadata={"help": "Block showing a successful sibling; field {successful_previous_attempt}."},
+    )
+    feedback_template: str = field(
+        default=FEEDBACK_TEMPLATE,
+        metadata={"help": "Block showing the environment feedback; field {feedback_raw}."},
+    )
+
+    # ----- the self-distillation loss (SDPO) -----
+    distillation_alpha: float = field(
+        default=0.5,
+        metadata={"help": "Divergence between student p and teacher q per token: 0 forward KL(q||p), 1 reverse "
+                  "KL(p||q), in between the generalized Jensen-Shannon divergence (official science runs: 0.5)."},
+    )
+    distillation_topk: int | None = field(
+        default=100,
+        metadata={"help": "Compare the distributions on the student's top-k tokens (official: 100); None uses the "
+                  "full vocabulary."},
+    )
+    distillation_add_tail: bool = field(
+        default=True,
+        metadata={"help": "Add a bucket with the mass outside the top-k (official); False renormalizes the top-k."},
+    )
+    distillation_is_clip: float | None = field(
+        default=2.0,
+        metadata={"help": "Clip of the per-token importance weight pi_theta/pi_old (official: 2.0). It only "
+                  "matters off-policy (num_iterations > 1 or several optimizer steps per generation)."},
+    )
+    distillation_weight: float = field(
+        default=1.0,
+        metadata={"help": "Loss = (1 - w) * GRPO's policy loss + w * self-distillation. 1 (SDPO, the official "
+                  "code) replaces the policy loss; values in (0, 1) mix in TRL's GRPO loss (a second forward)."},
+    )
+    teacher_model_kind: str = field(
+        default="ema",
+        metadata={"help": "Self-teacher weights: 'ema' (official default), 'initial' (the frozen initial policy) or "
+                  "'live' (the current policy). With LoRA the EMA/initial teacher is a second adapter.",
+                  "choices": list(TEACHER_KINDS)},
+    )
+    teacher_update_rate: float = field(
+        default=0.05,
+        metadata={"help": "EMA rate r per optimizer step: theta_T <- (1 - r) theta_T + r theta (official: 0.05)."},
+    )
+
+    # ----- PGPO's step-size multiplier -----
+    step_size_modulation: bool = field(
+        default=True,
+        metadata={"help": "PGPO: multiply each optimizer step's learning rate by m_k = clip(I_k / running mean of "
+                  "I, min, max). False gives SDPO exactly (I_k is still logged)."},
+    )
+    information_estimator: str = field(
+        default="agreement",
+        metadata={"help": "Estimate of I_k between the student's predictions and the feedback-conditioned teacher: "
+                  "'agreement' (mutual information of their next-token joint across positions; our default, chosen "
+                  "with benchmarks/pgpo_benchmark.py) or 'correction' (mean KL(teacher || student)).",
+                  "choices": list(ESTIMATORS)},
+    )
+    multiplier_min: float = field(default=0.5, metadata={"help": "Lower bound m_min of the multiplier (ours)."})
+    multiplier_max: float = field(default=2.0, metadata={"help": "Upper bound m_max of the multiplier (ours)."})
+    information_ema: float = field(
+        default=0.9,
+        metadata={"help": "beta of the running mean of I: mean <- beta * mean + (1 - beta) * I_k (ours)."},
+    )
+    agreement_buckets: int = field(
+        default=1024,
+        metadata={"help": "'agreement' hashes token ids into this many buckets (id mod buckets): a lower bound on "
+                  "the MI of the ids, exact when >= the vocabulary size (then one bucket per token is used). Its cost is "
+                  "one (N x B)^T (N x B) product per micro-batch and one all-reduce of B^2 numbers per step."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
+            (0.0 <= self.distillation_alpha <= 1.0, "distillation_alpha", self.distillation_alpha,
+             "use 0 (forward KL), 1 (reverse KL) or a value in between (JSD)"),
+            (self.distillation_topk is None or self.distillation_topk >= 1, "distillation_topk",
+             self.distillation_topk, "use a positive k, or None for the full vocabulary"),
+            (self.distillation_is_clip is None or self.distillation_is_clip > 0, "distillation_is_clip",
+             self.distillation_is_clip, "use a positive clip, or None for no clipping"),
+            (0.0 < self.distillation_weight <= 1.0, "distillation_weight", self.distillation_weight,
+             "use a weight in (0, 1]; for plain GRPO use GRPOTrainer"),
+            (self.teacher_model_kind in TEACHER_KINDS, "teacher_model_kind", self.teacher_model_kind,
+             f"choose one of {TEACHER_KINDS}"),
+            (0.0 < self.teacher_update_rate <= 1.0, "teacher_update_rate", self.teacher_update_rate,
+             "use a rate in (0, 1]; for a frozen teacher set teacher_model_kind='initial'"),
+            (self.information_estimator in ESTIMATORS, "information_estimator", self.information_estimator,
+             f"choose one of {ESTIMATORS}"),
+            (0.0 < self.multiplier_min <= 1.0 <= self.multiplier_max, "multiplier_min/multiplier_max",
+             (self.multiplier_min, self.multiplier_max), "use 0 < multiplier_min <= 1 <= multiplier_max"),
+            (0.0 <= self.information_ema < 1.0, "information_ema", self.information_ema, "use a value in [0, 1)"),
+            (self.agreement_buckets >= 2, "agreement_buckets", self.agreement_buckets, "use at least 2 buckets"),
+            (self.max_reprompt_length >= 1, "max_reprompt_length", self.max_reprompt_length, "use a positive length"),
+        ]
+        for ok, name, value, fix in checks:
+            if not ok:
+                raise ValueError(f"Invalid `{name}={value!r}`: {fix}.")
+        for name, template, fields in (
+            ("reprompt_template", self.reprompt_template, ("{prompt}", "{solution}", "{feedback}")),
+            ("solution_template", self.solution_template, ("{successful_previous_attempt}",)),
+            ("feedback_template", self.feedback_template, ("{feedback_raw}",)),
+        ):
+            missing = [f for f in fields if f not in template]
+            if missing:
+                raise ValueError(f"`{name}` must contain {', '.join(missing)}, got {template!r}.")
+        if self.distillation_weight == 1.0 and self.beta != 0.0:
+            # With distillation only, TRL's policy loss (and with it the KL penalty) is not computed.
+            raise ValueError(
+                f"`beta={self.beta}` has no effect with `distillation_weight=1.0`: the self-distillation loss replaces "
+                "GRPO's policy loss and its KL term. Set beta=0.0, or distillation_weight < 1 to mix in GRPO's loss."
+            )

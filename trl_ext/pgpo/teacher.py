@@ -1,0 +1,106 @@
+"""The weights the self-teacher reads its privileged prompt with.
+
+- "ema" (SDPO's default): an exponential moving average of the student, theta_T <- (1 - r) theta_T + r theta after
+  every optimizer step, starting from the initial student. With LoRA it is a second adapter, "teacher", on the same
+  base model (no second copy of the base weights); otherwise a frozen copy of the model, prepared like GRPO's
+  reference model.
+- "initial": the same, never updated (the frozen initial policy).
+- "live": the current policy itself, under no_grad.
+
+The EMA and initial teachers are trainer state: saved with each checkpoint, restored on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from .. import _compat
+from ..core import load_teacher, prepare_teacher
+
+TEACHER_KINDS = ("ema", "initial", "live")
+TEACHER_ADAPTER = "teacher"
+
+
+class SelfTeacher:
+    def __init__(self, trainer, kind: str, update_rate: float):
+        if kind not in TEACHER_KINDS:
+            raise ValueError(f"Unknown teacher_model_kind {kind!r}; choose one of {TEACHER_KINDS}.")
+        self.kind = kind
+        self.update_rate = update_rate if kind == "ema" else 0.0
+        self.accelerator = trainer.accelerator
+        self.copy: torch.nn.Module | None = None  # the frozen full copy (non-PEFT ema/initial)
+        self.adapter_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (teacher, student) LoRA
+        self.updates = 0
+        if kind == "live":
+            return
+        model = trainer.model
+        if _compat.is_peft_model(model):
+            self._add_teacher_adapter(model)
+        else:
+            # Loaded from the model's path rather than deep-copied, like GRPO's reference model: under ZeRO-3 the
+            # student's parameters are already sharded and a copy would hold empty shards.
+            copy = load_teacher(_compat.get_config_model_id(model.config), trainer.args.model_init_kwargs,
+                                trainer.args, default_dtype=model.dtype)
+            self.copy = prepare_teacher(copy, trainer, temperature=trainer.temperature)
+
+    def _add_teacher_adapter(self, model) -> None:
+        config = model.peft_config[model.active_adapter]
+        model.add_adapter(TEACHER_ADAPTER, config)
+        student_adapter = f".{model.active_adapter}."
+        for name, param in model.named_parameters():
+            if student_adapter in name:
+                teacher = model.get_parameter(name.replace(student_adapter, f".{TEACHER_ADAPTER}."))
+                teacher.data.copy_(param.data)
+                teacher.requires_grad_(False)
+                self.adapter_pairs.append((teacher, param))
+        if not self.adapter_pairs:
+            raise ValueError(f"Found no parameters of the active adapter {model.active_adapter!r} to copy.")
+
+    @contextlib.contextmanager
+    def scoring(self, model):
+        """Yield the module that scores teacher prompts; `model` is the (wrapped) policy being trained."""
+        with torch.no_grad():
+            if self.copy is not None:
+                yield self.copy
+            elif self.adapter_pairs:
+                with _compat.use_adapter(self.accelerator.unwrap_model(model), TEACHER_ADAPTER):
+                    yield model
+            else:
+                yield model
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        """One EMA step towards the student (after each optimizer step; no-op for 'initial' and 'live')."""
+        if self.update_rate == 0.0:
+            return
+        if self.copy is not None:
+            _compat.ema_update_model(self.accelerator.unwrap_model(model), self.accelerator.unwrap_model(self.copy),
+                                     self.update_rate)
+        for teacher, student in self.adapter_pairs:
+            teacher.data.mul_(1.0 - self.update_rate).add_(student.data, alpha=self.update_rate)
+        self.updates += 1
+
+    # ----- checkpoint state ----------------------------------------------------------------------------------
+    def _teacher_tensors(self) -> list[torch.Tensor]:
+        if self.copy is not None:
+            return list(self.accelerator.unwrap_model(self.copy).state_dict().values())
+        return [teacher for teacher, _ in self.adapter_pairs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "updates": self.updates,
+                "weights": [t.detach().cpu().clone() for t in self._teacher_tensors()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["kind"] != self.kind:
+            raise ValueError(f"The checkpoint's self-teacher is {state['kind']!r}, this trainer's is {self.kind!r}.")
+        targets = self._teacher_tensors()
+        if len(targets) != len(state["weights"]):
+            raise ValueError(f"The checkpoint holds {len(state['weights'])} teacher tensors, this teacher has "
+                             f"{len(targets)}: was it saved with another model or LoRA configuration?")
+        with torch.no_grad():
+            for target, saved in zip(targets, state["weights"]):
+                target.copy_(saved.to(target.device, target.dtype))
+        self.updates = state["updates"]

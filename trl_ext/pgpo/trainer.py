@@ -1,0 +1,280 @@
+"""PGPOTrainer: self-distillation policy optimization (SDPO, arXiv 2601.20802) with PGPO's information-modulated
+step size (arXiv 2606.03620).
+
+    rollout (TRL)  -> _postprocess_rollout: each completion's privileged context (a successful sibling and/or the
+                      environment's feedback) rendered into a teacher prompt
+    micro-batch    -> _compute_loss: student and self-teacher score the same completion tokens; top-k (+ tail)
+                      divergence, token mean over the generation batch; information statistics accumulated
+    last micro-batch of a step -> I_k over the whole step (all micro-batches, all processes), m_k, lr *= m_k
+    after the optimizer step   -> lr restored, EMA teacher updated
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers import PreTrainedModel, TrainerCallback
+
+from .. import _compat
+from ..core import ExtGRPOTrainer
+from ..core.trainer import resolve_config
+from .config import PGPOConfig
+from .context import Templates, assign_contexts, strip_thinking, teacher_prompt
+from .divergences import clipped_importance_weights, generalized_jsd, shared_support
+from .information import agreement_joint, correction_information, mutual_information, top1_agreement
+from .step_size import StepSizeController
+from .teacher import SelfTeacher
+
+# Per-row rollout keys written by the post-rollout hook (they survive TRL's shuffle and micro-batch split).
+TEACHER_PROMPT_IDS = "pgpo_teacher_prompt_ids"
+TEACHER_PROMPT_MASK = "pgpo_teacher_prompt_mask"
+HAS_CONTEXT = "pgpo_has_context"
+NUM_DISTILLATION_TOKENS = "pgpo_num_distillation_tokens"  # 0-dim: over the whole generation batch, all processes
+# Layout of the per-step statistics vector, summed over micro-batches and processes with one all-reduce.
+TOKENS, CORRECTION, AGREEMENT, DIVERGENCE, JOINT = range(5)
+
+
+class _StepCallback(TrainerCallback):
+    """Restores the scheduled learning rate right after the optimizer step and moves the EMA teacher."""
+
+    def __init__(self, trainer: PGPOTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._restore_learning_rates()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.trainer.self_teacher.update(model)
+
+
+class PGPOTrainer(ExtGRPOTrainer):
+    """Drop-in replacement for `trl.GRPOTrainer` that distils the policy's own feedback-informed predictions.
+
+    The teacher is the policy (EMA, initial or live weights) reading a privileged prompt: a successful sibling
+    rollout of the same prompt and/or the environment feedback in the dataset's `feedback_column`. The student's
+    completion is scored under both prompts and the per-token divergence on the student's top-k tokens is the loss.
+    Completions with no successful sibling and no feedback get no loss. PGPO multiplies each optimizer step's
+    learning rate by m_k from an estimate I_k of the information between student and teacher on that step;
+    `step_size_modulation=False` is SDPO.
+
+    Args: exactly those of `trl.GRPOTrainer`.
+    """
+
+    _tag_names = ["trl", "trl_ext", "pgpo", "sdpo", "self-distillation"]
+    _name = "PGPO"
+    _paper = {
+        "title": "Physics-Guided Policy Optimization with Self-Distillation",
+        "id": "2606.03620",
+        "citation": (
+            "@article{wang2026pgpo,\n"
+            "    title   = {{Physics-Guided Policy Optimization with Self-Distillation}},\n"
+            "    author  = {Ke Wang and Yuning Wu and Haoran Liu and Chaoqun Jia and Devin Chen and Kai Wei},\n"
+            "    journal = {arXiv preprint arXiv:2606.03620},\n"
+            "    year    = {2026}\n"
+            "}"
+        ),
+    }
+    _metric_prefix = "pgpo"
+    _card_template = "pgpo.md"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs: Any | list[Any],
+        args: PGPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools: list[Callable] | None = None,
+        rollout_func: Callable | None = None,
+        environment_factory: Callable | None = None,
+    ):
+        args = resolve_config(model, args, PGPOConfig, "PGPO")
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
+        )
+        self.templates = Templates(args.reprompt_template, args.solution_template, args.feedback_template)
+        self.self_teacher = SelfTeacher(self, args.teacher_model_kind, args.teacher_update_rate)
+        if args.teacher_model_kind != "live":
+            self.register_state("self_teacher", self.self_teacher)
+        self.step_size = StepSizeController(args.multiplier_min, args.multiplier_max, args.information_ema,
+                                            enabled=args.step_size_modulation)
+        self.register_state("step_size", self.step_size)
+        self._step_statistics: torch.Tensor | None = None
+        self._scheduled_learning_rates: list[float] | None = None
+        self.last_contexts = None  # the latest generation batch's ContextAssignment (all processes), for inspection
+        self.add_callback(_StepCallback(self))
+
+    # ----- the self-teacher's prompts (once per generation batch) ---------------------------------------------
+    def _postprocess_rollout(self, inputs: list[dict[str, Any]], rollout: dict[str, Any]) -> dict[str, Any]:
+        args = self.args
+        num_generations = self.num_generations if self._mode == "train" else self.num_generations_eval
+        rewards = (self.rollout_rewards * self.reward_weights.to(self.rollout_rewards.device)).nansum(dim=1)
+        completions = self.processing_class.batch_decode(
+            [ids[mask.bool()] for ids, mask in zip(rollout["completion_ids"], rollout["completion_mask"])],
+            skip_special_tokens=True,
+        )
+        feedback = [row.get(args.feedback_column) for row in inputs]
+        all_completions, all_feedback = _compat.gather_object(completions), _compat.gather_object(feedback)
+        assignment = assign_contexts(
+            rewards.cpu(),
+            torch.tensor([isinstance(f, str) and f.strip() != "" for f in all_feedback]),
+            num_generations,
+            args.success_reward_threshold,
+            exclude_self=args.dont_reprompt_on_self_success,
+            include_feedback=args.include_environment_feedback,
+            feedback_only_without_solution=args.environment_feedback_only_without_solution,
+        )
+
+        self.last_contexts = assignment
+        start = self.accelerator.process_index * len(inputs)
+        prompts = []
+        for local, row in enumerate(inputs):
+            i = start + local
+            demo = assignment.demonstration[i].item()
+            solution = all_completions[demo] if demo >= 0 else None
+            if solution is not None and args.remove_thinking_from_demonstration:
+                solution = strip_thinking(solution)
+            shown_feedback = all_feedback[i] if assignment.use_feedback[i] else None
+            prompts.append(teacher_prompt(row["prompt"], solution, shown_feedback, self.templates))
+        ids = [torch.tensor(p[-args.max_reprompt_length:]) for p in _compat.tokenize_prompts(self, prompts)]
+        device = rollout["prompt_ids"].device
+        rollout[TEACHER_PROMPT_IDS] = _left_pad(ids, self.processing_class.pad_token_id).to(device)
+        rollout[TEACHER_PROMPT_MASK] = _left_pad([torch.ones_like(x) for x in ids], 0).to(device)
+        has_context = assignment.usable[start:start + len(inputs)].to(device)
+        rollout[HAS_CONTEXT] = has_context.float()
+        tokens = (self.loss_mask(rollout) * has_context.unsqueeze(1)).sum().double()
+        rollout[NUM_DISTILLATION_TOKENS] = self.reduce_sum(tokens.reshape(1)).reshape(())
+
+        self.log_metric("usable_context_fraction", assignment.usable.float().mean())
+        self.log_metric("solution_fraction", (assignment.demonstration >= 0).float().mean())
+        self.log_metric("feedback_fraction", assignment.use_feedback.float().mean())
+        return rollout
+
+    # ----- the loss (once per micro-batch) ----------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        distillation = self._self_distillation_loss(model, inputs)
+        weight = self.args.distillation_weight
+        if weight == 1.0:
+            return distillation
+        return (1.0 - weight) * super()._compute_loss(model, inputs) + weight * distillation
+
+    def _self_distillation_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        args = self.args
+        completion_ids = inputs["completion_ids"]
+        student = self._completion_log_probs(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs)
+        with self.self_teacher.scoring(model) as teacher_model:
+            teacher = self._completion_log_probs(
+                teacher_model, inputs[TEACHER_PROMPT_IDS], inputs[TEACHER_PROMPT_MASK], inputs
+            )
+        support = shared_support(student, teacher, args.distillation_topk, args.distillation_add_tail)
+        divergence = generalized_jsd(support.student, support.teacher, args.distillation_alpha)  # (B, T)
+
+        token_mask = self.loss_mask(inputs) * inputs[HAS_CONTEXT].unsqueeze(1)
+        weights = token_mask.to(divergence.dtype)
+        sampled_logps = student.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        importance = clipped_importance_weights(sampled_logps, inputs.get("old_per_token_logps"),
+                                                args.distillation_is_clip)
+        if importance is not None:
+            weights = weights * importance
+        if inputs.get("importance_sampling_ratio") is not None:  # TRL's vLLM sampler/trainer mismatch correction
+            weights = weights * inputs["importance_sampling_ratio"]
+
+        # Token mean over the generation batch, scaled like TRL's "dapo" loss for accumulation and processes, so
+        # the micro-batch losses of one optimizer step add up to the global mean.
+        normalizer = inputs[NUM_DISTILLATION_TOKENS].clamp(min=1.0) / self.accelerator.num_processes
+        if self._mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / args.steps_per_generation
+        loss = (divergence * weights).sum() / normalizer.to(divergence.dtype)
+
+        if self._mode == "train":
+            self._accumulate_step_statistics(support, divergence.detach(), token_mask, vocab_size=student.size(-1))
+            if _compat.is_last_micro_batch(self):
+                self._modulate_step_size()
+        return loss
+
+    def _completion_log_probs(self, model, prompt_ids, prompt_mask, inputs) -> torch.Tensor:
+        """(B, T, V) log-softmax of `model` at each completion position, after `prompt_ids`, at TRL's temperature."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        length = completion_ids.size(1)
+        multimodal = {key: inputs[key] for key in _compat.MULTIMODAL_KEYS if inputs.get(key) is not None}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=length + 1,
+                       use_cache=False, **multimodal).logits
+        logits = logits[:, :-1, :].float() / self.temperature  # position t predicts completion token t
+        return logits.log_softmax(-1)
+
+    # ----- PGPO: information -> step size (once per optimizer step) -------------------------------------------
+    def _accumulate_step_statistics(self, support, divergence: torch.Tensor, token_mask: torch.Tensor,
+                                    vocab_size: int) -> None:
+        mask = token_mask.double()
+        stats = [mask.sum(), (correction_information(support).double() * mask).sum(),
+                 (top1_agreement(support).double() * mask).sum(), (divergence.double() * mask).sum()]
+        joint = torch.zeros(0, dtype=torch.float64, device=mask.device)
+        if self.args.information_estimator == "agreement":
+            # One bucket per token when the vocabulary is smaller than `agreement_buckets`: exact, and cheaper.
+            buckets = min(self.args.agreement_buckets, vocab_size)
+            joint = agreement_joint(support, token_mask, buckets).flatten()
+        vector = torch.cat([torch.stack(stats), joint])
+        self._step_statistics = vector if self._step_statistics is None else self._step_statistics + vector
+
+    def _modulate_step_size(self) -> None:
+        """Form I_k from the whole step's statistics (one all-reduce), then scale this step's learning rate."""
+        total = self.reduce_sum(self._step_statistics)
+        self._step_statistics = None
+        tokens = total[TOKENS].item()
+        information = None
+        if tokens > 0:
+            if self.args.information_estimator == "agreement":
+                side = math.isqrt(total.numel() - JOINT)
+                information = mutual_information(total[JOINT:].view(side, side)).item()
+            else:
+                information = total[CORRECTION].item() / tokens
+        multiplier = self.step_size.multiplier(information)
+        self._scheduled_learning_rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * multiplier
+
+        self.log_metric("multiplier", multiplier)
+        self.log_metric("distillation_tokens", tokens)
+        if information is not None:
+            self.log_metric("information", information)
+            if self.step_size.running_mean is not None:
+                self.log_metric("information_mean", self.step_size.running_mean)
+            self.log_metric("correction_kl", total[CORRECTION].item() / tokens)
+            self.log_metric("teacher_agreement", total[AGREEMENT].item() / tokens)
+            self.log_metric("divergence", total[DIVERGENCE].item() / tokens)
+
+    def _restore_learning_rates(self) -> None:
+        if self._scheduled_learning_rates is None:
+            return
+        for group, lr in zip(self.optimizer.param_groups, self._scheduled_learning_rates):
+            group["lr"] = lr
+        self._scheduled_learning_rates = None
+
+
+def _left_pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    return pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")
