@@ -1,30 +1,36 @@
 """PGPO benchmark on the embedded demo world: GRPO vs SDPO vs PGPO, with correct and with partly misleading feedback.
 
-What is compared (same self-teacher-capable student, data, batch, learning rate, optimizer and number of optimizer
-steps; only the method differs):
+What is compared (same self-teacher-capable student, data order, batch, learning rate, optimizer and number of
+optimizer steps; only the method differs):
 
 * GRPO: `trl.GRPOTrainer` (TRL's defaults, beta = 0).
 * SDPO: `trl_ext.PGPOTrainer` with `step_size_modulation=False` (the official SDPO science-run defaults: JSD alpha 0.5,
-  top-k with tail, EMA teacher 0.05, distillation only).
-* PGPO (agreement) and PGPO (correction): the same plus the step-size multiplier, with each information estimator.
+  top-k with tail, EMA teacher 0.05, distillation only; top-k 20 because the demo vocabulary has 88 tokens).
+* PGPO (verified / agreement / correction): the same plus the step-size multiplier with PGPOConfig's defaults, each
+  information estimator in turn (everything else, including reference, exponent and bounds, identical).
 
 Setting (defaults): the demo `arithmetic` task from `demo.self_teacher_path()`, a tiny model pretrained so that a
-worked solution or the environment's feedback in its prompt lets it answer (it is weak without them). Every training
-prompt carries feedback ("expected <answer>"); in the "misleading" setting a seeded `--misleading` fraction of prompts
-name a wrong answer instead. SDPO shows feedback only to groups without a successful sibling (official default), so
-feedback, right or wrong, is what teaches the prompts the student cannot solve yet. At `--evals` points each policy
-is evaluated on held-out prompts WITHOUT feedback (the student's view): success rate of `--eval-n` samples per
-prompt at temperature 1.
+worked solution or the environment's feedback in its prompt lets it answer (~0.99 success with the answer shown,
+~0.2 without). Every training prompt carries feedback ("expected <answer>"). In the "misleading" setting the feedback
+source is wrong on a seeded `--misleading` share of optimizer batches: prompts are read in order
+(`shuffle_dataset=False`) in blocks of one batch's prompts, so corrections are informative on some batches and
+misleading on others. SDPO shows feedback only to groups without a successful sibling (official default). Each
+setting runs at each of `--learning-rates` (constant): at the larger one SDPO's self-teacher loses its skill of
+reading the context during training and SDPO collapses late (the failure PGPO's paper reports). At `--evals` points
+each policy is evaluated on held-out prompts WITHOUT feedback (the student's view): success rate of `--eval-n`
+samples per prompt at temperature 1.
 
 Reported per (setting, method), means over seeds: the eval success curve, best-within-run and final success (late
 collapse = final < best - `--collapse-drop`), the training reward curve, the m_k and I_k trajectories, the
-correlation between m_k and the share of the step's teacher contexts that came from misleading feedback, and the
-wall time per optimizer step relative to GRPO (generation included, evaluation excluded).
+correlation between I_k and the share of the step's teacher contexts that came from misleading feedback, and the
+wall time per optimizer step relative to GRPO (generation included, evaluation excluded; runs share the machine with
+`--workers` parallel runs, so timings carry that noise).
 
-Targets (from the issue; our operationalization): PGPO's final and best success >= SDPO's - `--tie` in both settings,
-PGPO's final > SDPO's under misleading feedback, and no PGPO collapse in a setting where SDPO does not collapse.
+Targets (from the issue; our operationalization): PGPO's final and best success >= SDPO's - `--tie` in every setting,
+PGPO's final > SDPO's under misleading feedback, and no collapsed seed in any setting (in particular where SDPO
+collapses).
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/pgpo_benchmark.py            # full run
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/pgpo_benchmark.py            # ~30 min on 2 cores
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/pgpo_benchmark.py --quick    # ~1 min smoke run
 
 Writes `<out-dir>/pgpo.json` and `<out-dir>/pgpo.png` (default out-dir: benchmarks/results).
@@ -57,9 +63,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 RESULT_NAME = "pgpo"
-METHODS = ("grpo", "sdpo", "pgpo-agreement", "pgpo-correction")
-LABELS = {"grpo": "GRPO", "sdpo": "SDPO", "pgpo-agreement": "PGPO (agreement)", "pgpo-correction": "PGPO (correction)"}
-COLORS = {"grpo": "tab:gray", "sdpo": "tab:orange", "pgpo-agreement": "tab:blue", "pgpo-correction": "tab:green"}
+METHODS = ("grpo", "sdpo", "pgpo-agreement", "pgpo-correction", "pgpo-verified")
+LABELS = {"grpo": "GRPO", "sdpo": "SDPO", "pgpo-agreement": "PGPO (agreement)", "pgpo-correction": "PGPO (correction)",
+          "pgpo-verified": "PGPO (verified)"}
+COLORS = {"grpo": "tab:gray", "sdpo": "tab:orange", "pgpo-agreement": "tab:blue", "pgpo-correction": "tab:green",
+          "pgpo-verified": "tab:purple"}
 
 
 def quiet() -> None:
@@ -83,8 +91,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=str, default="2", help="number of seeds ('2' -> 0,1) or a list '0,5'")
     p.add_argument("--batch", type=int, default=32, help="completions per optimizer step")
     p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--misleading", type=float, default=0.5, help="share of prompts whose feedback is wrong")
+    p.add_argument("--learning-rates", type=str, default="1e-4,3e-4",
+                   help="each setting runs at each of these constant learning rates (SDPO collapses at the larger)")
+    p.add_argument("--misleading", type=float, default=0.5,
+                   help="share of feedback blocks (default: of optimizer batches) whose feedback is wrong")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="consecutive prompts sharing one feedback source (default: the prompts of one optimizer step, "
+                        "read in order, so the feedback is reliable on some batches and misleading on others); 1 with "
+                        "--shuffle gives independent rows")
+    p.add_argument("--shuffle", action="store_true", help="shuffle the training prompts (TRL's default)")
     p.add_argument("--topk", type=int, default=20, help="distillation top-k (the demo vocabulary has 88 tokens)")
     p.add_argument("--methods", type=str, default=",".join(METHODS))
     p.add_argument("--settings", type=str, default="correct,misleading")
@@ -96,17 +111,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--collapse-drop", type=float, default=0.15, help="final < best - this counts as a collapse")
     p.add_argument("--tie", type=float, default=0.02, help="'at least matches' tolerance on success rates")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run")
     p.add_argument("--out-dir", type=str, default=str(REPO_ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.seeds, args.evals, args.eval_prompts = 12, "1", 2, 32
+        args.steps, args.seeds, args.evals, args.eval_prompts, args.learning_rates = 12, "1", 2, 32, "3e-4"
     text = args.seeds.strip()
     args.seed_list = [int(s) for s in text.split(",") if s.strip()] if "," in text else list(range(int(text)))
     args.method_list = [m for m in args.methods.split(",") if m]
-    args.setting_list = [s for s in args.settings.split(",") if s]
+    args.lr_list = [float(x) for x in args.learning_rates.split(",") if x]
+    args.setting_list = [f"{feedback} @ lr {lr:g}" for feedback in args.settings.split(",") if feedback
+                         for lr in args.lr_list]
     if not set(args.method_list) <= set(METHODS):
         p.error(f"--methods must name a subset of {METHODS}")
+    if args.block_size is None:
+        args.block_size = args.batch // args.num_generations
     return args
 
 
@@ -153,22 +173,38 @@ class Evaluator:
 # ----------------------------------------------------------------------------------------------------------------------
 # one run
 # ----------------------------------------------------------------------------------------------------------------------
+_EVALUATOR = None
+
+
+def run_job(job) -> tuple:
+    """One (setting, method, seed) run in a worker process."""
+    global _EVALUATOR
+    setting, method, seed, args = job
+    quiet()
+    torch.set_num_threads(args.threads)
+    if _EVALUATOR is None:
+        _EVALUATOR = Evaluator(args)
+    return setting, method, seed, run(method, setting, seed, args, _EVALUATOR, lambda m: print(m, flush=True))
+
+
 def run(method: str, setting: str, seed: int, args, evaluator, log) -> dict:
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_ext import PGPOConfig, PGPOTrainer, demo
 
-    misleading = args.misleading if setting == "misleading" else 0.0
+    feedback, lr = setting.split(" @ lr ")
+    misleading = args.misleading if feedback == "misleading" else 0.0
     task = demo.get_task(args.task)
     data = demo.with_feedback(task.dataset(args.steps * args.batch // args.num_generations + 64, seed=1),
-                              misleading_fraction=misleading, seed=seed)
+                              misleading_fraction=misleading, seed=seed, block_size=args.block_size)
     workdir = tempfile.mkdtemp(prefix=f"pgpo-bench-{method}-")
     common = dict(
         output_dir=workdir, max_steps=args.steps, per_device_train_batch_size=args.batch,
-        num_generations=args.num_generations, learning_rate=args.learning_rate, lr_scheduler_type="constant",
+        num_generations=args.num_generations, learning_rate=float(lr), lr_scheduler_type="constant",
         max_completion_length=4, temperature=1.0, beta=0.0, seed=seed, logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True,
+        shuffle_dataset=args.shuffle,
     )
     eval_every = max(1, args.steps // args.evals)
     evals = {"step": [0], "success": [evaluator(_load(demo, args), seed=seed)]}
@@ -204,6 +240,7 @@ def run(method: str, setting: str, seed: int, args, evaluator, log) -> dict:
         trainer = Recording(model=_load_path(demo, args), reward_funcs=[demo.task_reward], args=config,
                             train_dataset=data)
     trainer.add_callback(Evaluate())
+    trainer.remove_callback(PrinterCallback)  # logging_steps=1 would print every step
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start - eval_seconds[0]
@@ -274,7 +311,7 @@ def summarize(runs: dict, args) -> dict:
 
 def targets(summary: dict, args) -> dict:
     out = {}
-    for method in ("pgpo-agreement", "pgpo-correction"):
+    for method in METHODS[2:]:
         checks = {}
         for setting, by_method in summary.items():
             if method not in by_method or "sdpo" not in by_method:
@@ -282,9 +319,13 @@ def targets(summary: dict, args) -> dict:
             pgpo, sdpo = by_method[method], by_method["sdpo"]
             checks[f"{setting}: final >= SDPO - tie"] = pgpo["final"] >= sdpo["final"] - args.tie
             checks[f"{setting}: best >= SDPO - tie"] = pgpo["best"] >= sdpo["best"] - args.tie
-            checks[f"{setting}: no collapse beyond SDPO's"] = pgpo["collapsed_seeds"] <= sdpo["collapsed_seeds"]
-            if setting == "misleading":
-                checks["misleading: final > SDPO"] = pgpo["final"] > sdpo["final"]
+            if sdpo["collapsed_seeds"]:  # "never collapses where SDPO does"
+                checks[f"{setting}: no collapse (SDPO collapsed on {sdpo['collapsed_seeds']} seeds)"] = (
+                    pgpo["collapsed_seeds"] == 0)
+            else:
+                checks[f"{setting}: no collapse"] = pgpo["collapsed_seeds"] == 0
+            if setting.startswith("misleading"):
+                checks[f"{setting}: final > SDPO"] = pgpo["final"] > sdpo["final"]
         if checks:
             out[method] = {"checks": checks, "all_met": all(checks.values())}
     return out
@@ -298,12 +339,12 @@ def plot(report: dict, path: Path) -> None:
 
     runs, summary = report["runs"], report["summary"]
     settings = list(runs)
-    fig, axes = plt.subplots(3, len(settings), figsize=(6.5 * len(settings), 13), squeeze=False)
+    fig, axes = plt.subplots(3, len(settings), figsize=(6 * len(settings), 13), squeeze=False)
     for col, setting in enumerate(settings):
         ax = axes[0, col]
         for method, entry in summary[setting].items():
             ax.plot(entry["eval_steps"], entry["success_mean"], marker="o", color=COLORS[method], label=LABELS[method])
-        ax.set(title=f"{setting} feedback: held-out success (no feedback, T=1)", xlabel="optimizer step",
+        ax.set(title=f"{setting}: held-out success\n(no feedback in the prompt, T=1)", xlabel="optimizer step",
                ylabel="success rate")
         ax.legend()
         ax = axes[1, col]
@@ -312,18 +353,20 @@ def plot(report: dict, path: Path) -> None:
             window = max(1, len(rewards) // 25)
             smooth = np.convolve(rewards, np.ones(window) / window, mode="valid")
             ax.plot(np.arange(len(smooth)) + window, smooth, color=COLORS[method], label=LABELS[method])
-        ax.set(title=f"{setting} feedback: training reward (moving mean)", xlabel="optimizer step", ylabel="reward")
+        ax.set(title=f"{setting}: training reward (moving mean)", xlabel="optimizer step", ylabel="reward")
         ax.legend()
         ax = axes[2, col]
         for method, records in runs[setting].items():
-            if records[0]["multiplier"]:
-                m = records[0]["multiplier"]
-                ax.plot(np.arange(1, len(m) + 1), m, color=COLORS[method], alpha=0.7, lw=0.8,
-                        label=f"{LABELS[method]} (seed {report['config']['seed_list'][0]})")
+            if records[0]["multiplier"] and method != "sdpo":  # SDPO's m_k is 1 by construction
+                m = np.mean([r["multiplier"] for r in records], 0)
+                window = 25
+                smooth = np.convolve(m, np.ones(window) / window, mode="valid")
+                ax.plot(np.arange(len(smooth)) + window, smooth, color=COLORS[method], label=LABELS[method])
         costs = ", ".join(f"{LABELS[m]} {e['cost_vs_grpo']:.2f}x" for m, e in summary[setting].items()
                           if "cost_vs_grpo" in e and m != "grpo")
-        ax.set(title=f"{setting} feedback: step multiplier m_k\ncost per step vs GRPO: {costs}",
+        ax.set(title=f"{setting}: step multiplier m_k (seed mean, moving mean of 25 steps)\ncost/step vs GRPO: {costs}",
                xlabel="optimizer step", ylabel="m_k")
+        ax.title.set_fontsize(8)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -343,11 +386,20 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     demo.self_teacher_path(args.task)  # build the cached model once, outside the timings
     evaluator = Evaluator(args)
-    runs = {setting: {} for setting in args.setting_list}
-    for setting in args.setting_list:
-        for method in args.method_list:
-            for seed in args.seed_list:
-                runs[setting].setdefault(method, []).append(run(method, setting, seed, args, evaluator, log))
+    jobs = [(setting, method, seed, args) for setting in args.setting_list for method in args.method_list
+            for seed in args.seed_list]
+    results = {}
+    if args.workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for setting, method, seed, record in pool.imap_unordered(run_job, jobs):
+                results[setting, method, seed] = record
+    else:
+        for setting, method, seed, _ in jobs:
+            results[setting, method, seed] = run(method, setting, seed, args, evaluator, log)
+    runs = {setting: {method: [results[setting, method, seed] for seed in args.seed_list]
+                      for method in args.method_list} for setting in args.setting_list}
     summary = summarize(runs, args)
     report = {
         "config": {k: v for k, v in vars(args).items() if k != "out_dir"},

@@ -126,3 +126,14 @@ def test_self_teacher_solves_with_context_and_copies_misleading_feedback(self_te
     assert rates["alone"] < 0.5, rates  # weak on its own: room for RL
     assert min(rates["solution"], rates["feedback"]) > rates["alone"] + 0.4, rates
     assert rates["copied wrong feedback"] > 0.5, rates  # misleading feedback misleads
+
+
+def test_feedback_blocks_share_one_source():
+    data = demo.get_task("arithmetic").dataset(400, seed=2)
+    rows = demo.with_feedback(data, misleading_fraction=0.5, seed=3, block_size=8)
+    flags = rows["feedback_is_correct"]
+    blocks = [flags[i:i + 8] for i in range(0, 400, 8)]
+    assert all(len(set(block)) == 1 for block in blocks)  # one source per block of 8 consecutive prompts
+    assert 0.3 < sum(not block[0] for block in blocks) / len(blocks) < 0.7
+    with pytest.raises(ValueError, match="block_size"):
+        demo.with_feedback(data, block_size=0)

@@ -36,3 +36,16 @@ def test_delight_example_demo_mode(tmp_path, student_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "gate passed" in result.stdout and "skipped" in result.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_pgpo_example_demo_mode(tmp_path, self_teacher_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "pgpo.py"), "--max_steps", "3", "--logging_steps", "1",
+         "--demo_misleading_feedback", "0.5", "--output_dir", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "demo task reward" in result.stdout and "step multiplier m_k" in result.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()

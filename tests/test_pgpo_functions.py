@@ -12,6 +12,8 @@ from trl_ext.pgpo.information import (
     correction_information,
     mutual_information,
     top1_agreement,
+    uncertainty_coefficient,
+    verified_joint,
 )
 from trl_ext.pgpo.step_size import StepSizeController, step_size_multiplier, update_running_mean
 
@@ -197,11 +199,27 @@ def test_estimators_disagree_on_a_confidently_wrong_teacher():
     assert mutual_information(agreement_joint(support, mask, 3)).item() <= results["informative"][0] + 1e-9
 
 
+def test_verified_joint_and_uncertainty_coefficient_by_hand():
+    correction = torch.tensor([1.0, -0.5, 2.0, -1.0, 0.3, 0.7])
+    success = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    has_context = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0])  # row 4 has no teacher context
+    joint = verified_joint(correction, success, has_context)
+    # rows: failed / succeeded; columns: teacher lowers / raises the completion
+    assert joint.tolist() == [[1.0, 2.0], [1.0, 1.0]]
+    assert uncertainty_coefficient(torch.tensor([[2.0, 0.0], [0.0, 2.0]])).item() == pytest.approx(1.0)
+    assert uncertainty_coefficient(torch.tensor([[1.0, 1.0], [1.0, 1.0]])).item() == pytest.approx(0.0)
+    p = torch.tensor([[3.0, 1.0], [1.0, 3.0]]) / 8
+    expected = sum(p[a, b] * math.log(p[a, b] / 0.25) for a in range(2) for b in range(2)) / math.log(2)
+    assert uncertainty_coefficient(torch.tensor([[3.0, 1.0], [1.0, 3.0]])).item() == pytest.approx(float(expected))
+    assert uncertainty_coefficient(torch.tensor([[0.0, 0.0], [3.0, 1.0]])) is None  # every completion succeeded
+
+
 # ----- step size -----------------------------------------------------------------------------------------------
 def test_step_size_multiplier_by_hand():
     assert step_size_multiplier(0.3, None, 0.5, 2.0) == 1.0  # first step: no history
     assert step_size_multiplier(0.3, 0.2, 0.5, 2.0) == pytest.approx(1.5)
     assert step_size_multiplier(1.0, 0.2, 0.5, 2.0) == 2.0 and step_size_multiplier(0.01, 0.2, 0.5, 2.0) == 0.5
+    assert step_size_multiplier(0.3, 0.5, 0.1, 2.0, power=2.0) == pytest.approx(0.36)  # (0.3 / 0.5) ** 2
     assert update_running_mean(None, 0.4, 0.9) == 0.4
     assert update_running_mean(0.4, 1.4, 0.9) == pytest.approx(0.5)
 
@@ -215,3 +233,16 @@ def test_controller_tracks_history_and_round_trips():
     assert restored.multiplier(1.0) == controller.multiplier(1.0)
     off = StepSizeController(0.5, 2.0, beta=0.5, enabled=False)
     assert [off.multiplier(i) for i in (1.0, 3.0)] == [1.0, 1.0] and off.running_mean == 2.0  # tracked, not applied
+
+
+def test_peak_reference_keeps_shrinking_steps_while_information_drains():
+    running = StepSizeController(0.1, 2.0, beta=0.5, reference="running")
+    peak = StepSizeController(0.1, 2.0, beta=0.5, reference="peak")
+    draining = [1.0, 1.0, 0.5, 0.25, 0.25, 0.25]
+    m_running = [running.multiplier(i) for i in draining]
+    m_peak = [peak.multiplier(i) for i in draining]
+    assert m_peak[-1] == pytest.approx(0.25)  # 0.25 against the peak mean of 1.0
+    assert m_running[-1] == pytest.approx(0.25 / 0.375)  # the running mean (0.375) has caught up with the drain
+    assert peak.state_dict()["peak_mean"] == 1.0
+    with pytest.raises(ValueError, match="reference"):
+        StepSizeController(0.1, 2.0, beta=0.5, reference="initial")

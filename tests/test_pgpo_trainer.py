@@ -91,7 +91,7 @@ def test_multiplier_off_is_sdpo_exactly(tmp_path, student_path, arithmetic_datas
     for name, overrides in {
         "sdpo": dict(step_size_modulation=False),
         "pinned": dict(multiplier_min=1.0, multiplier_max=1.0),
-        "pgpo": dict(multiplier_min=0.2, multiplier_max=5.0),
+        "pgpo": dict(multiplier_min=0.2, multiplier_max=5.0, information_estimator="agreement"),
     }.items():
         trainer = make(tmp_path / name, student_path, arithmetic_dataset, max_steps=3, learning_rate=1e-3,
                        per_device_train_batch_size=16, **overrides)
@@ -209,14 +209,14 @@ def test_initial_and_live_teachers(tmp_path, student_path, arithmetic_dataset):
 
 def test_checkpoint_resume_restores_teacher_and_step_size(tmp_path, student_path, arithmetic_dataset):
     full = make(tmp_path / "full", student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=3,
-                save_strategy="steps", save_steps=2, peft_config=LORA)
+                save_strategy="steps", save_steps=2, peft_config=LORA, information_estimator="agreement")
     full.train()
     state = torch.load(tmp_path / "full" / "checkpoint-2" / "trl_ext_state.pt", weights_only=False)
     assert set(state) == {"self_teacher", "step_size"} and state["self_teacher"]["updates"] == 2
     assert state["step_size"]["steps"] >= 1 and state["step_size"]["running_mean"] is not None
 
     resumed = make(tmp_path / "resumed", student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=3,
-                   peft_config=LORA)
+                   peft_config=LORA, information_estimator="agreement")
     restored = {}
     original_load = resumed._load_optimizer_and_scheduler
 
@@ -294,3 +294,14 @@ def test_trl_parser_reads_cli_and_yaml(tmp_path):
               "--step_size_modulation", "false"])
     assert (args.distillation_alpha, args.information_estimator, args.distillation_topk) == (1.0, "correction", 20)
     assert args.multiplier_max == 3.0 and args.step_size_modulation is False
+
+
+def test_model_card(tmp_path, student_path, arithmetic_dataset):
+    trainer = make(tmp_path, student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=1, peft_config=LORA)
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-pgpo", dataset_name="demo/arithmetic")
+    card = (tmp_path / "README.md").read_text()
+    assert "trained with **PGPO**" in card and "2606.03620" in card and "@article{wang2026pgpo" in card
+    assert "| `information_estimator` | `verified` |" in card and "| `distillation_alpha` | `0.5` |" in card
+    assert "pgpo/multiplier" in card and "(a PEFT adapter)" in card
+    assert "pgpo" in card.split("---")[1]  # tag in the front matter

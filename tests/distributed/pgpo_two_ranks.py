@@ -24,9 +24,7 @@ class RecordingPGPOTrainer(PGPOTrainer):
     def _modulate_step_size(self):
         local = self._step_statistics.clone().cpu()
         super()._modulate_step_size()
-        metrics = self._metrics["train"]
-        self.steps.append({"local": local, "multiplier": metrics["pgpo/multiplier"][-1],
-                           "information": metrics["pgpo/information"][-1] if "pgpo/information" in metrics else None,
+        self.steps.append({"local": local, **self.last_step_size,
                            "lr": [group["lr"] for group in self.optimizer.param_groups]})
 
 

@@ -127,18 +127,24 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def with_feedback(dataset: Dataset, misleading_fraction: float = 0.0, seed: int = 0) -> Dataset:
+def with_feedback(dataset: Dataset, misleading_fraction: float = 0.0, seed: int = 0, block_size: int = 1) -> Dataset:
     """`dataset` (rows with `prompt`, `task`, `answer`) plus the environment's `feedback` on each prompt.
 
-    Each row is misleading independently with probability `misleading_fraction` (seeded): its feedback names a wrong
-    answer, and `feedback_is_correct` is False. TRL's trainers shuffle the dataset, so every optimizer batch sees
-    about that fraction of misleading rows, varying binomially from batch to batch.
+    Feedback is misleading (it names a wrong answer; `feedback_is_correct` is False) on a seeded `misleading_fraction`
+    of blocks of `block_size` consecutive rows. With `block_size=1` every row draws independently, and as TRL shuffles
+    the dataset every optimizer batch sees about that fraction, varying binomially. A block as large as one batch's
+    prompts, read in order (`shuffle_dataset=False`), makes the feedback source reliable on some batches and
+    misleading on others, as in PGPO's motivation.
     """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     rng = random.Random(f"feedback-{seed}")
     feedback, is_correct = [], []
-    for prompt, name, answer in zip(dataset["prompt"], dataset["task"], dataset["answer"]):
+    misleading = False
+    for i, (prompt, name, answer) in enumerate(zip(dataset["prompt"], dataset["task"], dataset["answer"])):
+        if i % block_size == 0:
+            misleading = rng.random() < misleading_fraction
         task = get_task(name)
-        misleading = rng.random() < misleading_fraction
         named = task.wrong_answer(answer, rng) if misleading else answer
         feedback.append(task.feedback(question_text(prompt), named))
         is_correct.append(not misleading)

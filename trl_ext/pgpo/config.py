@@ -8,6 +8,7 @@ from trl import GRPOConfig
 
 from .context import FEEDBACK_TEMPLATE, REPROMPT_TEMPLATE, SOLUTION_TEMPLATE
 from .information import ESTIMATORS
+from .step_size import REFERENCES
 from .teacher import TEACHER_KINDS
 
 
@@ -109,14 +110,26 @@ class PGPOConfig(GRPOConfig):
                   "I, min, max). False gives SDPO exactly (I_k is still logged)."},
     )
     information_estimator: str = field(
-        default="agreement",
+        default="verified",
         metadata={"help": "Estimate of I_k between the student's predictions and the feedback-conditioned teacher: "
-                  "'agreement' (mutual information of their next-token joint across positions; our default, chosen "
-                  "with benchmarks/pgpo_benchmark.py) or 'correction' (mean KL(teacher || student)).",
+                  "'verified' (how much the direction of the teacher's corrections tells about the verifier's "
+                  "verdict, I(S; C) / H(S); our default, chosen with benchmarks/pgpo_benchmark.py), 'agreement' "
+                  "(mutual information of their next-token joint across positions) or 'correction' (mean "
+                  "KL(teacher || student)).",
                   "choices": list(ESTIMATORS)},
     )
-    multiplier_min: float = field(default=0.5, metadata={"help": "Lower bound m_min of the multiplier (ours)."})
+    multiplier_min: float = field(default=0.1, metadata={"help": "Lower bound m_min of the multiplier (ours)."})
     multiplier_max: float = field(default=2.0, metadata={"help": "Upper bound m_max of the multiplier (ours)."})
+    multiplier_power: float = field(
+        default=2.0,
+        metadata={"help": "Sensitivity gamma: m_k = clip((I_k / running mean) ** gamma, min, max) (ours)."},
+    )
+    information_reference: str = field(
+        default="peak",
+        metadata={"help": "What I_k is compared with: 'running' (its running mean) or 'peak' (the highest value the "
+                  "running mean has reached, so steps shrink while the teacher's information drains away) (ours).",
+                  "choices": list(REFERENCES)},
+    )
     information_ema: float = field(
         default=0.9,
         metadata={"help": "beta of the running mean of I: mean <- beta * mean + (1 - beta) * I_k (ours)."},
@@ -148,6 +161,9 @@ class PGPOConfig(GRPOConfig):
             (0.0 < self.multiplier_min <= 1.0 <= self.multiplier_max, "multiplier_min/multiplier_max",
              (self.multiplier_min, self.multiplier_max), "use 0 < multiplier_min <= 1 <= multiplier_max"),
             (0.0 <= self.information_ema < 1.0, "information_ema", self.information_ema, "use a value in [0, 1)"),
+            (self.multiplier_power > 0, "multiplier_power", self.multiplier_power, "use a positive exponent"),
+            (self.information_reference in REFERENCES, "information_reference", self.information_reference,
+             f"choose one of {REFERENCES}"),
             (self.agreement_buckets >= 2, "agreement_buckets", self.agreement_buckets, "use at least 2 buckets"),
             (self.max_reprompt_length >= 1, "max_reprompt_length", self.max_reprompt_length, "use a positive length"),
         ]

@@ -15,6 +15,12 @@ of an optimizer step add up before I_k is formed.
   unrelated to the student's (e.g. it copies a wrong answer from misleading feedback). Token ids are hashed into
   `num_buckets` buckets (id mod buckets) plus one for the top-k tail; the MI of bucketed variables is a lower bound
   on the MI of the ids (data-processing inequality), exact when there are at least as many buckets as tokens.
+- "verified": the mutual information between the direction of the teacher's correction of each completion (does the
+  teacher raise or lower its log-likelihood relative to the student?) and the verifier's verdict (did it succeed?),
+  from the 2 x 2 counts of the step's completions with a teacher context, as a share of the verdict's entropy
+  (I(S; C) / H(S) in [0, 1], so that it does not fall just because most completions succeed). A teacher whose corrections track the
+  reward is informative; one that has lost its privileged-context skill, or follows misleading feedback, is not.
+  This one goes beyond the abstract's wording (it uses the rewards), and is entirely ours.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 
 from .divergences import Support, kl
 
-ESTIMATORS = ("agreement", "correction")
+ESTIMATORS = ("agreement", "correction", "verified")
 
 
 def correction_information(support: Support) -> torch.Tensor:
@@ -76,3 +82,21 @@ def mutual_information(joint: torch.Tensor) -> torch.Tensor:
     independent = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
     terms = joint * (joint.log() - independent.log())
     return torch.where(joint > 0, terms, torch.zeros_like(terms)).sum()
+
+
+def verified_joint(correction: torch.Tensor, success: torch.Tensor, has_context: torch.Tensor) -> torch.Tensor:
+    """2 x 2 counts over completions with a context: rows = failed / succeeded, columns = the teacher lowers / raises
+    the completion's log-likelihood (`correction` = sum over its tokens of log q - log p), float64."""
+    keep = has_context.bool()
+    raised = (correction.detach() > 0)[keep].long()
+    succeeded = success.bool()[keep].long()
+    return torch.bincount(succeeded * 2 + raised, minlength=4).double().view(2, 2)
+
+
+def uncertainty_coefficient(joint: torch.Tensor) -> torch.Tensor | None:
+    """I(S; C) / H(S) of a joint with S on the rows; None when S is constant (H(S) = 0: nothing to explain)."""
+    rows = joint.double().sum(1) / joint.sum()
+    entropy = -(rows * rows.clamp(min=1e-300).log()).sum()
+    if entropy <= 0:
+        return None
+    return mutual_information(joint) / entropy

@@ -1,11 +1,12 @@
 """PGPO's information-modulated step size: one multiplier per optimizer step, applied to the learning rate.
 
-    m_k = clip( I_k / mean_{j<k} I_j , m_min, m_max )          (the running mean is an EMA with rate `1 - beta`)
+    m_k = clip( (I_k / mean_{j<k} I_j) ** gamma , m_min, m_max )   (the running mean is an EMA with rate `1 - beta`)
     lr_k = m_k * lr_k(schedule)                                  for step k only
 
 The form, the bounds and the EMA are our reading of the paper (research/papers.md §3.3, [I]): bounded so the
 rescaled step stays a smooth bounded rescaling of SGD's (the paper's order-1 weak-approximation claim), relative to
-a running mean so the learning rate keeps its meaning. It scales the learning rate, not the loss, because Adam's
+a running mean so the learning rate keeps its meaning, with a sensitivity `gamma` because a step's information moves
+only by some 10% between informative and misleading batches. It scales the learning rate, not the loss, because Adam's
 update is nearly invariant to the scale of the loss.
 """
 
@@ -15,11 +16,12 @@ import math
 from typing import Any
 
 
-def step_size_multiplier(information: float, running_mean: float | None, low: float, high: float) -> float:
+def step_size_multiplier(information: float, running_mean: float | None, low: float, high: float,
+                         power: float = 1.0) -> float:
     """m_k for this step's I_k; 1.0 on the first step (no history) or when the history is 0."""
     if running_mean is None or running_mean <= 0.0 or not math.isfinite(information):
         return 1.0
-    return min(max(information / running_mean, low), high)
+    return min(max((max(information, 0.0) / running_mean) ** power, low), high)
 
 
 def update_running_mean(running_mean: float | None, information: float, beta: float) -> float:
@@ -29,12 +31,25 @@ def update_running_mean(running_mean: float | None, information: float, beta: fl
     return beta * running_mean + (1.0 - beta) * information
 
 
-class StepSizeController:
-    """The multiplier's state across steps (saved in checkpoints): the running mean of I and the latest values."""
+REFERENCES = ("running", "peak")
 
-    def __init__(self, low: float, high: float, beta: float, enabled: bool = True):
-        self.low, self.high, self.beta, self.enabled = low, high, beta, enabled
+
+class StepSizeController:
+    """The multiplier's state across steps (saved in checkpoints): the running mean of I, its peak, the step count.
+
+    The reference I_k is compared with is the running mean ("running": steps are large or small relative to recent
+    ones) or the highest value the running mean has reached ("peak": steps shrink while the teacher's information
+    drains away, e.g. when the self-teacher loses the skill of reading its privileged context).
+    """
+
+    def __init__(self, low: float, high: float, beta: float, power: float = 1.0, reference: str = "running",
+                 enabled: bool = True):
+        if reference not in REFERENCES:
+            raise ValueError(f"Unknown reference {reference!r}; choose one of {REFERENCES}.")
+        self.low, self.high, self.beta, self.power, self.enabled = low, high, beta, power, enabled
+        self.reference = reference
         self.running_mean: float | None = None
+        self.peak_mean: float | None = None
         self.steps = 0
 
     def multiplier(self, information: float | None) -> float:
@@ -44,14 +59,15 @@ class StepSizeController:
         """
         if information is None:
             return 1.0
-        m = step_size_multiplier(information, self.running_mean, self.low, self.high)
+        reference = self.peak_mean if self.reference == "peak" else self.running_mean
+        m = step_size_multiplier(information, reference, self.low, self.high, self.power)
         self.running_mean = update_running_mean(self.running_mean, information, self.beta)
+        self.peak_mean = self.running_mean if self.peak_mean is None else max(self.peak_mean, self.running_mean)
         self.steps += 1
         return m if self.enabled else 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"running_mean": self.running_mean, "steps": self.steps}
+        return {"running_mean": self.running_mean, "peak_mean": self.peak_mean, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.running_mean = state["running_mean"]
-        self.steps = state["steps"]
+        self.running_mean, self.peak_mean, self.steps = state["running_mean"], state["peak_mean"], state["steps"]

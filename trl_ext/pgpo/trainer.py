@@ -25,7 +25,14 @@ from ..core.trainer import resolve_config
 from .config import PGPOConfig
 from .context import Templates, assign_contexts, strip_thinking, teacher_prompt
 from .divergences import clipped_importance_weights, generalized_jsd, shared_support
-from .information import agreement_joint, correction_information, mutual_information, top1_agreement
+from .information import (
+    agreement_joint,
+    correction_information,
+    mutual_information,
+    top1_agreement,
+    uncertainty_coefficient,
+    verified_joint,
+)
 from .step_size import StepSizeController
 from .teacher import SelfTeacher
 
@@ -33,9 +40,12 @@ from .teacher import SelfTeacher
 TEACHER_PROMPT_IDS = "pgpo_teacher_prompt_ids"
 TEACHER_PROMPT_MASK = "pgpo_teacher_prompt_mask"
 HAS_CONTEXT = "pgpo_has_context"
+SUCCEEDED = "pgpo_succeeded"  # (B,) the verifier's verdict, for the "verified" estimator
 NUM_DISTILLATION_TOKENS = "pgpo_num_distillation_tokens"  # 0-dim: over the whole generation batch, all processes
 # Layout of the per-step statistics vector, summed over micro-batches and processes with one all-reduce.
-TOKENS, CORRECTION, AGREEMENT, DIVERGENCE, JOINT = range(5)
+TOKENS, CORRECTION, AGREEMENT, DIVERGENCE = range(4)
+VERIFIED = slice(4, 8)  # the 2 x 2 verified joint
+JOINT = 8  # then the agreement joint, when that estimator is used
 
 
 class _StepCallback(TrainerCallback):
@@ -120,11 +130,13 @@ class PGPOTrainer(ExtGRPOTrainer):
         if args.teacher_model_kind != "live":
             self.register_state("self_teacher", self.self_teacher)
         self.step_size = StepSizeController(args.multiplier_min, args.multiplier_max, args.information_ema,
+                                            power=args.multiplier_power, reference=args.information_reference,
                                             enabled=args.step_size_modulation)
         self.register_state("step_size", self.step_size)
         self._step_statistics: torch.Tensor | None = None
         self._scheduled_learning_rates: list[float] | None = None
         self.last_contexts = None  # the latest generation batch's ContextAssignment (all processes), for inspection
+        self.last_step_size: dict[str, float | None] | None = None  # the latest step's I_k and m_k
         self.add_callback(_StepCallback(self))
 
     # ----- the self-teacher's prompts (once per generation batch) ---------------------------------------------
@@ -165,6 +177,7 @@ class PGPOTrainer(ExtGRPOTrainer):
         rollout[TEACHER_PROMPT_MASK] = _left_pad([torch.ones_like(x) for x in ids], 0).to(device)
         has_context = assignment.usable[start:start + len(inputs)].to(device)
         rollout[HAS_CONTEXT] = has_context.float()
+        rollout[SUCCEEDED] = assignment.has_success[start:start + len(inputs)].to(device).float()
         tokens = (self.loss_mask(rollout) * has_context.unsqueeze(1)).sum().double()
         rollout[NUM_DISTILLATION_TOKENS] = self.reduce_sum(tokens.reshape(1)).reshape(())
 
@@ -210,7 +223,10 @@ class PGPOTrainer(ExtGRPOTrainer):
         loss = (divergence * weights).sum() / normalizer.to(divergence.dtype)
 
         if self._mode == "train":
-            self._accumulate_step_statistics(support, divergence.detach(), token_mask, vocab_size=student.size(-1))
+            teacher_sampled = teacher.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+            correction = ((teacher_sampled - sampled_logps.detach()) * token_mask).sum(1)
+            self._accumulate_step_statistics(support, divergence.detach(), token_mask, vocab_size=student.size(-1),
+                                             verified=verified_joint(correction, inputs[SUCCEEDED], inputs[HAS_CONTEXT]))
             if _compat.is_last_micro_batch(self):
                 self._modulate_step_size()
         return loss
@@ -229,7 +245,7 @@ class PGPOTrainer(ExtGRPOTrainer):
 
     # ----- PGPO: information -> step size (once per optimizer step) -------------------------------------------
     def _accumulate_step_statistics(self, support, divergence: torch.Tensor, token_mask: torch.Tensor,
-                                    vocab_size: int) -> None:
+                                    vocab_size: int, verified: torch.Tensor) -> None:
         mask = token_mask.double()
         stats = [mask.sum(), (correction_information(support).double() * mask).sum(),
                  (top1_agreement(support).double() * mask).sum(), (divergence.double() * mask).sum()]
@@ -238,7 +254,7 @@ class PGPOTrainer(ExtGRPOTrainer):
             # One bucket per token when the vocabulary is smaller than `agreement_buckets`: exact, and cheaper.
             buckets = min(self.args.agreement_buckets, vocab_size)
             joint = agreement_joint(support, token_mask, buckets).flatten()
-        vector = torch.cat([torch.stack(stats), joint])
+        vector = torch.cat([torch.stack(stats), verified.to(mask.device).flatten(), joint])
         self._step_statistics = vector if self._step_statistics is None else self._step_statistics + vector
 
     def _modulate_step_size(self) -> None:
@@ -248,9 +264,13 @@ class PGPOTrainer(ExtGRPOTrainer):
         tokens = total[TOKENS].item()
         information = None
         if tokens > 0:
+            verified = uncertainty_coefficient(total[VERIFIED].view(2, 2))
+            verified = None if verified is None else verified.item()
             if self.args.information_estimator == "agreement":
                 side = math.isqrt(total.numel() - JOINT)
                 information = mutual_information(total[JOINT:].view(side, side)).item()
+            elif self.args.information_estimator == "verified":
+                information = verified
             else:
                 information = total[CORRECTION].item() / tokens
         multiplier = self.step_size.multiplier(information)
@@ -258,6 +278,7 @@ class PGPOTrainer(ExtGRPOTrainer):
         for group in self.optimizer.param_groups:
             group["lr"] = group["lr"] * multiplier
 
+        self.last_step_size = {"information": information, "multiplier": multiplier}  # for inspection
         self.log_metric("multiplier", multiplier)
         self.log_metric("distillation_tokens", tokens)
         if information is not None:
@@ -265,6 +286,8 @@ class PGPOTrainer(ExtGRPOTrainer):
             if self.step_size.running_mean is not None:
                 self.log_metric("information_mean", self.step_size.running_mean)
             self.log_metric("correction_kl", total[CORRECTION].item() / tokens)
+            if verified is not None:
+                self.log_metric("verified_information", verified)
             self.log_metric("teacher_agreement", total[AGREEMENT].item() / tokens)
             self.log_metric("divergence", total[DIVERGENCE].item() / tokens)
 
