@@ -5,7 +5,9 @@
 
 With no arguments it runs the embedded offline demo: a tiny model that can use a worked solution or the environment's
 feedback in its prompt, trained on small-number addition where every prompt carries feedback ("expected 7"); it
-learns to answer without them. A few hundred steps on CPU:
+learns to answer without them. 300 steps, about 30 s on 2 CPU cores; the training reward goes from about 0.24 to
+0.33, while SDPO (`--step_size_modulation false`) first rises, then collapses as its self-teacher forgets how to read
+its context (about 0.16 at the end):
 
     accelerate launch examples/pgpo.py
     accelerate launch examples/pgpo.py --demo_misleading_feedback 0.5    # half of the feedback names a wrong answer
@@ -36,13 +38,13 @@ from trl_ext.demo.cli import ExampleScriptArguments, demo_reward_summary, parse_
 DEMO_SETTINGS = {
     "output_dir": "outputs/pgpo-demo",
     "max_steps": 300,
-    "learning_rate": 1e-3,
+    "learning_rate": 3e-4,
     "lr_scheduler_type": "constant",
     "per_device_train_batch_size": 32,
     "num_generations": 4,
     "max_completion_length": 4,
     "distillation_topk": 20,  # the demo vocabulary has 88 tokens
-    "logging_steps": 25,
+    "logging_steps": 50,
     "save_strategy": "no",
     "report_to": "none",
     "gradient_checkpointing": False,

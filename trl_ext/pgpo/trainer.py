@@ -240,8 +240,12 @@ class PGPOTrainer(ExtGRPOTrainer):
         multimodal = {key: inputs[key] for key in _compat.MULTIMODAL_KEYS if inputs.get(key) is not None}
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=length + 1,
                        use_cache=False, **multimodal).logits
-        logits = logits[:, :-1, :].float() / self.temperature  # position t predicts completion token t
-        return logits.log_softmax(-1)
+        logits = logits[:, :-1, :].float()  # position t predicts completion token t
+        if torch.is_grad_enabled():
+            return (logits / self.temperature).log_softmax(-1)
+        # The teacher (no gradient): normalize in place, so a (B, T, V) float32 copy is the only extra memory.
+        logits.div_(self.temperature)
+        return logits.sub_(logits.logsumexp(-1, keepdim=True))
 
     # ----- PGPO: information -> step size (once per optimizer step) -------------------------------------------
     def _accumulate_step_statistics(self, support, divergence: torch.Tensor, token_mask: torch.Tensor,
