@@ -305,3 +305,24 @@ def test_model_card(tmp_path, student_path, arithmetic_dataset):
     assert "| `information_estimator` | `verified` |" in card and "| `distillation_alpha` | `0.5` |" in card
     assert "pgpo/multiplier" in card and "(a PEFT adapter)" in card
     assert "pgpo" in card.split("---")[1]  # tag in the front matter
+
+
+def test_feedback_column_is_checked_before_loading(tmp_path, arithmetic_dataset):
+    with pytest.raises(ValueError, match="feedback_column='errors'"):
+        PGPOTrainer(model="does/not-load", reward_funcs=[demo.task_reward],
+                    args=cpu_config(PGPOConfig, tmp_path, feedback_column="errors"), train_dataset=arithmetic_dataset)
+    with_feedback = demo.with_feedback(arithmetic_dataset)
+    with pytest.warns(UserWarning, match="will not see it"), pytest.raises(OSError):
+        PGPOTrainer(model=str(tmp_path / "missing-model"), reward_funcs=[demo.task_reward],
+                    args=cpu_config(PGPOConfig, tmp_path, include_environment_feedback=False),
+                    train_dataset=with_feedback)
+
+
+def test_policy_loss_settings_without_policy_loss_warn(tmp_path):
+    with pytest.warns(UserWarning, match="`loss_type`, `epsilon` only shape GRPO's policy loss"):
+        cpu_config(PGPOConfig, tmp_path, loss_type="grpo", epsilon=0.3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        cpu_config(PGPOConfig, tmp_path, loss_type="grpo", distillation_weight=0.5)  # used by the mixed loss

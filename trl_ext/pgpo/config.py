@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -10,6 +11,11 @@ from .context import FEEDBACK_TEMPLATE, REPROMPT_TEMPLATE, SOLUTION_TEMPLATE
 from .information import ESTIMATORS
 from .step_size import REFERENCES
 from .teacher import TEACHER_KINDS
+
+
+# GRPOConfig fields that only shape TRL's policy loss, which `distillation_weight=1.0` does not compute.
+POLICY_LOSS_FIELDS = ("loss_type", "epsilon", "epsilon_high", "delta", "top_entropy_quantile",
+                      "importance_sampling_level", "off_policy_mask_threshold", "scale_rewards")
 
 
 @dataclass
@@ -178,6 +184,17 @@ class PGPOConfig(GRPOConfig):
             missing = [f for f in fields if f not in template]
             if missing:
                 raise ValueError(f"`{name}` must contain {', '.join(missing)}, got {template!r}.")
+        if self.distillation_weight == 1.0:
+            changed = [name for name in POLICY_LOSS_FIELDS
+                       if getattr(self, name) != GRPOConfig.__dataclass_fields__[name].default]
+            if changed:
+                warnings.warn(
+                    f"{', '.join(f'`{n}`' for n in changed)} only shape GRPO's policy loss, which PGPO does not compute "
+                    "with distillation_weight=1.0 (the self-distillation loss replaces it): they have no effect. Set "
+                    "distillation_weight < 1 to mix in GRPO's loss.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if self.distillation_weight == 1.0 and self.beta != 0.0:
             # With distillation only, TRL's policy loss (and with it the KL penalty) is not computed.
             raise ValueError(

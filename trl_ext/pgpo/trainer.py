@@ -12,6 +12,7 @@ step size (arXiv 2606.03620).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -109,6 +110,7 @@ class PGPOTrainer(ExtGRPOTrainer):
         environment_factory: Callable | None = None,
     ):
         args = resolve_config(model, args, PGPOConfig, "PGPO")
+        _check_feedback_column(train_dataset, args)
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -301,6 +303,27 @@ class PGPOTrainer(ExtGRPOTrainer):
         for group, lr in zip(self.optimizer.param_groups, self._scheduled_learning_rates):
             group["lr"] = lr
         self._scheduled_learning_rates = None
+
+
+def _check_feedback_column(dataset, args: PGPOConfig) -> None:
+    """A renamed feedback column must exist; feedback that would be ignored is said so (before any weights load)."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # e.g. an IterableDataset without known features: nothing to check ahead of time
+        return
+    present = args.feedback_column in columns
+    if not present and args.feedback_column != PGPOConfig.feedback_column:
+        raise ValueError(
+            f"`feedback_column={args.feedback_column!r}` is not a column of the training dataset (columns: "
+            f"{columns}). Name the column that holds the environment's feedback, or leave the default to train "
+            "without feedback (successful siblings only)."
+        )
+    if present and not args.include_environment_feedback:
+        warnings.warn(
+            f"The training dataset has a {args.feedback_column!r} column but include_environment_feedback=False: the "
+            "self-teacher will not see it.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _left_pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
