@@ -37,9 +37,6 @@ Writes `<out-dir>/delight.json` and `<out-dir>/delight.png` (default out-dir: be
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import math
 import os
 import platform
 import shlex
@@ -47,7 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +58,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks._shared import parse_seeds, quiet, versions, write_json  # noqa: E402
 
 RESULT_NAME = "delight"
 SMOOTH = 20  # steps in the rolling mean of the plotted training curves
@@ -108,19 +106,6 @@ def build_arms(args) -> list[Arm]:
 # ----------------------------------------------------------------------------------------------------------------------
 # setup
 # ----------------------------------------------------------------------------------------------------------------------
-def quiet() -> None:
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    for name in ("trl", "accelerate", "datasets", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import datasets
-
-    datasets.disable_progress_bars()
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,8 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.eval_samples = min(args.eval_samples, 256)
     args.steps = args.steps or 400
     args.seeds = args.seeds or "3"
-    text = args.seeds.strip()
-    args.seed_list = [int(s) for s in text.split(",") if s.strip()] if "," in text else list(range(int(text)))
+    args.seed_list = parse_seeds(args.seeds)
     args.pass_rate_list = [float(x) for x in args.pass_rates.split(",") if x.strip()]
     args.price_list = [float(x) for x in args.prices.split(",") if x.strip()]
     args.arm_names = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -174,12 +158,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(not 0 < rho <= 1 for rho in args.pass_rate_list):
         p.error("--pass-rates must lie in (0, 1]")
     return args
-
-
-def versions() -> dict:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "transformers", "trl", "accelerate")}
 
 
 def register_task(args):
@@ -644,22 +622,6 @@ def plot(report: dict, arms: list[Arm], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def round_floats(obj, digits: int = 6):
-    if isinstance(obj, float):
-        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [round_floats(v, digits) for v in obj]
-    return obj
-
-
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(round_floats(obj), indent=1))
     os.replace(tmp, path)
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import math
 import os
 import platform
@@ -54,7 +53,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,6 +69,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks._shared import parse_seeds, quiet, versions, write_json  # noqa: E402
 
 NUM_THREADS = 2
 RESULT_NAME = "gndpo"
@@ -97,37 +97,9 @@ COLORS = {"grpo": "tab:gray", "opd": "tab:red", "gndpo": "tab:blue"}
 # ----------------------------------------------------------------------------------------------------------------------
 # setup
 # ----------------------------------------------------------------------------------------------------------------------
-def quiet() -> None:
-    """Silence progress bars and deprecation chatter so the benchmark's own lines stay readable."""
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    for name in ("trl", "accelerate", "datasets", "transformers", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except Exception:  # pragma: no cover - older datasets
-        pass
-
-
 def setup() -> None:
     torch.set_num_threads(NUM_THREADS)
     quiet()
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'3' -> [0, 1, 2]; '0,4,7' (or '5,') -> an explicit list."""
-    text = text.strip()
-    if "," in text:
-        return [int(s) for s in text.split(",") if s.strip()]
-    count = int(text)
-    if count < 1:
-        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
-    return list(range(count))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -183,21 +155,6 @@ def demo_world(num_rows: int):
     student = demo.student_path("arithmetic")
     dataset = demo.get_task("arithmetic").dataset(num_rows, seed=1)
     return demo, teacher, student, dataset
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "trl", "accelerate", "datasets"):
-        try:
-            found[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    import trl_ext
-
-    found["trl_ext"] = trl_ext.__version__
-    return found
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -857,22 +814,6 @@ def targets(report: dict, args) -> dict:
         }
     out["all_met"] = bool(out) and all(v["met"] for v in out.values() if isinstance(v, dict))
     return out
-
-
-def round_floats(obj, digits: int = 6):
-    if isinstance(obj, float):
-        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [round_floats(v, digits) for v in obj]
-    return obj
-
-
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(round_floats(obj), indent=1))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import shlex
@@ -48,7 +47,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,25 +60,14 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._shared import parse_seeds, quiet, versions, write_json  # noqa: E402
+
 RESULT_NAME = "pgpo"
 METHODS = ("grpo", "sdpo", "pgpo-agreement", "pgpo-correction", "pgpo-verified")
 LABELS = {"grpo": "GRPO", "sdpo": "SDPO", "pgpo-agreement": "PGPO (agreement)", "pgpo-correction": "PGPO (correction)",
           "pgpo-verified": "PGPO (verified)"}
 COLORS = {"grpo": "tab:gray", "sdpo": "tab:orange", "pgpo-agreement": "tab:blue", "pgpo-correction": "tab:green",
           "pgpo-verified": "tab:purple"}
-
-
-def quiet() -> None:
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    for name in ("trl", "accelerate", "datasets", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import datasets
-
-    datasets.disable_progress_bars()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,8 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.evals, args.eval_prompts, args.learning_rates = 12, "1", 2, 32, "3e-4"
-    text = args.seeds.strip()
-    args.seed_list = [int(s) for s in text.split(",") if s.strip()] if "," in text else list(range(int(text)))
+    args.seed_list = parse_seeds(args.seeds)
     args.method_list = [m for m in args.methods.split(",") if m]
     args.lr_list = [float(x) for x in args.learning_rates.split(",") if x]
     args.setting_list = [f"{feedback} @ lr {lr:g}" for feedback in args.settings.split(",") if feedback
@@ -128,12 +114,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.block_size is None:
         args.block_size = args.batch // args.num_generations
     return args
-
-
-def versions() -> dict:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "transformers", "trl", "accelerate", "peft")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -411,9 +391,7 @@ def main(argv=None) -> None:
         "runs": runs,
         "wall_seconds": time.perf_counter() - start,
     }
-    tmp = out_dir / f"{RESULT_NAME}.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out_dir / f"{RESULT_NAME}.json")
+    write_json(report, out_dir / f"{RESULT_NAME}.json")
     plot(report, out_dir / f"{RESULT_NAME}.png")
     for setting, by_method in summary.items():
         for method, entry in by_method.items():

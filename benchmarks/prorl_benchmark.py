@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
 import os
 import platform
 import shlex
@@ -52,7 +50,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,6 +62,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks._shared import parse_seeds, quiet, versions, write_json  # noqa: E402
 
 RESULT_NAME = "prorl"
 METHODS = ("grpo", "prorl")
@@ -88,19 +87,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 # ----------------------------------------------------------------------------------------------------------------------
 # setup
 # ----------------------------------------------------------------------------------------------------------------------
-def quiet() -> None:
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    for name in ("trl", "accelerate", "datasets", "transformers", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import datasets
-
-    datasets.disable_progress_bars()
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,22 +119,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.samples, args.seeds, args.evals, args.eval_prompts, args.eval_n = 64 * 160, "1", 2, 32, 16
         args.reset_every = 8
-    text = args.seeds.strip()
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not set(args.method_list) <= set(METHODS):
         p.error(f"--methods must name a subset of {METHODS}")
-    args.seed_list = [int(s) for s in text.split(",") if s.strip()] if "," in text else list(range(int(text)))
+    args.seed_list = parse_seeds(args.seeds)
     if args.eval_n < max(K_VALUES):
         p.error(f"--eval-n must be >= {max(K_VALUES)} for pass@{max(K_VALUES)}")
     if args.batch % args.num_generations:
         p.error("--batch must be a multiple of --num-generations")
     return args
-
-
-def versions() -> dict:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "transformers", "trl", "accelerate", "peft")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -488,22 +467,6 @@ def plot(report: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def round_floats(obj, digits: int = 6):
-    if isinstance(obj, float):
-        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [round_floats(v, digits) for v in obj]
-    return obj
-
-
-def write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(round_floats(obj), indent=1))
     os.replace(tmp, path)
 
 

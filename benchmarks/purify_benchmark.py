@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import math
 import os
 import platform
@@ -49,7 +48,6 @@ import shlex
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,6 +60,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks._shared import quiet  # noqa: E402
 
 RESULT_NAME = "purify"
 # One thread: the demo models are tiny, and on a shared machine a spinning thread pool costs more than it gives.
@@ -88,19 +88,6 @@ COLORS = {"none": "tab:gray", "aggregation": "tab:brown", "plackett_luce": "tab:
           "classifier_router": "tab:blue", "similarity_router": "tab:green", "rl_selection": "tab:orange",
           "single/arithmetic_expert": "tab:olive", "single/reversal_expert": "tab:pink",
           "single/blind_spot_generalist": "tab:cyan"}
-
-
-def quiet() -> None:
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    for name in ("trl", "accelerate", "datasets", "transformers", "trl_ext"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import datasets
-
-    datasets.disable_progress_bars()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

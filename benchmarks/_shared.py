@@ -1,0 +1,72 @@
+"""Common scaffolding of the benchmark scripts: quiet logging, version stamps, seed parsing and atomic JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import warnings
+from pathlib import Path
+
+
+def quiet() -> None:
+    """Silence progress bars and deprecation chatter so the benchmark's own lines stay readable."""
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("trl", "accelerate", "datasets", "transformers", "bitsandbytes", "trl_ext"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # pragma: no cover - older datasets
+        pass
+
+
+def versions() -> dict:
+    """Python and the installed versions of the stack (packages not installed are left out), plus trl_ext's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "trl", "accelerate", "peft", "datasets"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    import trl_ext
+
+    found["trl_ext"] = trl_ext.__version__
+    return found
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'3' -> [0, 1, 2]; '0,4,7' (or '5,') -> an explicit list."""
+    text = text.strip()
+    if "," in text:
+        return [int(s) for s in text.split(",") if s.strip()]
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+    return list(range(count))
+
+
+def round_floats(obj, digits: int = 6):
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(round_floats(obj), indent=1))
+    os.replace(tmp, path)
