@@ -120,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # task and student
     p.add_argument("--length", type=int, default=6, help="H: prompt length (symbols)")
     p.add_argument("--alphabet", type=int, default=2, help="M: alphabet size")
-    p.add_argument("--pretrain-steps", type=int, default=200,
+    p.add_argument("--pretrain-steps", type=int, default=285,
                    help="SFT steps of the starting student (demo.Pretraining); 0 = untrained")
     p.add_argument("--pretrain-seed", type=int, default=1)
     # optimization (the same for every arm)
@@ -630,11 +630,12 @@ def plot(report: dict, arms: list[Arm], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 CHOICES = {
     "task": "H=6, M=2 (64 distinct prompts; chance success 1/64). The demo world's tiny RoPE Llama learns reversal "
-            "by SFT only after a phase transition (about 200 SFT steps of 32 examples for H=6, more than 350 for "
+            "by SFT only after a phase transition (about 250-300 SFT steps of 32 examples for H=6, more than 350 for "
             "H=8). RL from a student before the transition (reward 0.5 = chance) made no progress in 300 steps x 64 "
-            "completions with GRPO or DG, so the student is taken at the transition: 200 SFT steps, success ~0.07, "
-            "reward ~0.64. RL then has a signal but must do most of the work, and plain PG / GRPO reach only about "
-            "0.4-0.7 success in the budget.",
+            "completions with GRPO or DG, so the student is taken just past the transition: 285 SFT steps, success "
+            "~0.15, reward ~0.74 (200 steps until the demo tokenizer gained upper case, DEMO_VERSION 2, which "
+            "changed the initialisation; 200, 250 and 275 steps then left the student at chance, success 0.02-0.04, "
+            "and 300 already at 0.44). RL then has a signal but must do most of the work.",
     "learning_rate": "3e-4, egg's value, for every arm (Adam, constant, no clipping, as egg). 1e-3 and 5e-4 made "
                      "runs collapse (success 0.5 -> 0 within a few steps after a gradient-norm spike) more often.",
     "batch": "8 prompts x 8 completions = 64 per optimizer step, as 8 micro-batches of 8 (gradient accumulation 8). "

@@ -3,8 +3,8 @@
 Three teachers with different strengths (0: addition expert, 1: reversal expert, 2: a generalist that is confidently
 wrong on additions whose first operand is >= 5), one weak student, in-domain training prompts (addition with first
 operand 0-6, reversal of words starting with a/b) and held-out out-of-domain prompts (first operand 7-9, words
-starting with c). One command, two seeds by default (results averaged; the student's outcome varies a lot between
-seeds, so one seed is not enough), 2 CPU cores:
+starting with c). One command, four seeds by default (results averaged; the student's outcome varies a lot between
+seeds, so one or two seeds are not enough), 2 CPU cores:
 
 1. Same budget (steps, prompts, completions per prompt, optimizer, learning rate, seed) for
    * each single teacher with GNDPO (`GNDPOTrainer`), the best of which is "best single teacher",
@@ -29,7 +29,7 @@ reported); the cost of K teachers grows no worse than K teacher forward passes (
 step(GNDPO, 1 teacher) <= (K - 1) x teacher forward x (1 + --cost-tolerance); the lenient reading, <= K forwards,
 is reported too).
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/purify_benchmark.py           # ~15 min, 2 CPU cores
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/purify_benchmark.py           # ~25 min, 2 CPU cores
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/purify_benchmark.py --quick   # smoke run, ~1 min
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/purify_benchmark.py --from-json <purify.json>
 
@@ -93,7 +93,8 @@ COLORS = {"none": "tab:gray", "aggregation": "tab:brown", "plackett_luce": "tab:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=500, help="optimizer steps per training run (default 500)")
-    p.add_argument("--seeds", type=str, default="0,1", help="comma-separated seeds; results are averaged (default 0,1)")
+    p.add_argument("--seeds", type=str, default="0,1,2,3",
+                   help="comma-separated seeds; results are averaged (default 0,1,2,3)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--eval-prompts", type=int, default=200, help="greedy-evaluation prompts per split (default 200)")
     p.add_argument("--router-eval-prompts", type=int, default=64, help="prompts per split for router accuracy")

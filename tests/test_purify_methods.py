@@ -143,7 +143,12 @@ def test_aggregation_weighs_teachers_by_their_signal_on_the_prompt():
     weights = purifier.decide(torch.zeros(2, 4), signal).weights
     e = math.exp
     torch.testing.assert_close(weights[0], torch.tensor([e(2), e(1), e(0)]) / (e(2) + e(1) + 1))
-    torch.testing.assert_close(weights[1], torch.full((3,), 1 / 3))  # no signal: the naive average
+    torch.testing.assert_close(weights[1], torch.full((3,), 1 / 3))  # no signal, no consensus: the naive average
+    # Without a signal the teachers' consensus decides; with a signal the consensus is ignored.
+    consensus = torch.tensor([[0.0, 0.0, 1.0], [0.75, 0.75, 0.25]])
+    weights = purifier.decide(torch.zeros(2, 4), signal, consensus=consensus).weights
+    torch.testing.assert_close(weights[0], torch.tensor([e(2), e(1), e(0)]) / (e(2) + e(1) + 1))
+    torch.testing.assert_close(weights[1], torch.tensor([e(1.5), e(1.5), e(0.5)]) / (2 * e(1.5) + e(0.5)))
     # A low temperature concentrates on the right teacher, a high one approaches the average.
     sharp = build_purifier("aggregation", 3, 4, RouterSettings(aggregation_temperature=0.01)).decide(
         torch.zeros(2, 4), signal).weights
@@ -220,6 +225,25 @@ def test_rl_selection_learns_to_follow_the_signal_in_its_state():
     signals = torch.rand(64, 3, generator=generator)
     chosen = purifier.decide(torch.zeros(64, 8), signals).actions
     assert (chosen == signals.argmax(dim=1)).float().mean().item() >= 0.9
+
+
+def test_rl_selection_routes_prompts_without_a_signal_by_the_consensus():
+    # Trained on prompts with a signal; prompts without one (all NaN) are then routed by the teachers' consensus,
+    # which enters the state on the signal's scale, instead of by the (untrained) prompt features.
+    purifier = build_purifier("rl_selection", 3, 8, RouterSettings(rl_learning_rate=0.2, seed=0))
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        signals = torch.rand(32, 3, generator=generator)
+        actions = purifier.decide(torch.zeros(32, 8), signals, explore=True).actions
+        purifier.learn_from_improvement(torch.zeros(32, 8), signals, actions,
+                                        signals.gather(1, actions[:, None]).squeeze(1))
+    consensus = torch.rand(64, 3, generator=generator)
+    no_signal = torch.full((64, 3), NAN)
+    chosen = purifier.decide(torch.zeros(64, 8), no_signal, consensus=consensus).actions
+    assert (chosen == consensus.argmax(dim=1)).float().mean().item() >= 0.9
+    # Without a consensus the state carries nothing on these prompts: one policy (the bias) for all of them.
+    probabilities = purifier.probabilities(torch.zeros(64, 8), no_signal)
+    torch.testing.assert_close(probabilities, probabilities[:1].expand(64, 3))
 
 
 @pytest.mark.parametrize("name", PURIFICATIONS)

@@ -14,6 +14,7 @@ from trl_ext.purify.signal import (
     ranking_agreement,
     sequence_logps,
     teacher_conflict,
+    teacher_consensus,
 )
 from trl_ext.purify.target import purified_logps
 
@@ -73,6 +74,21 @@ def test_teacher_conflict_by_hand():
     assert conflict[1, 2].item() == pytest.approx(1.0)  # (0,1) and (0,2) both opposite
     torch.testing.assert_close(conflict, conflict.t())
     assert mean_conflict(conflict).item() == pytest.approx(2 / 3)
+
+
+def test_teacher_consensus_by_hand():
+    # Prompt 0 is the conflict test's prompt: teacher 0 agrees with teacher 2 on both shared pairs (agreement 1) and
+    # with teacher 1 on none (0) -> (1 + 0) / 2; teacher 1 -> (0 + 0) / 2; teacher 2 -> (1 + 0) / 2.
+    # Prompt 1: teacher 2 ties everything, so it orders no pair with anyone (1/2, "nothing to compare");
+    # teachers 0 and 1 order the three completions identically (agreement 1).
+    logps = torch.tensor([[-1.0, -2.0, -3.0, -1.0, -2.0, -3.0],
+                          [-3.0, -2.0, -1.0, -0.5, -0.7, -0.9],
+                          [-1.0, -2.0, -2.0, -4.0, -4.0, -4.0]])
+    consensus = teacher_consensus(logps, group_size=3)
+    assert consensus.shape == (2, 3)
+    torch.testing.assert_close(consensus[0], torch.tensor([0.5, 0.0, 0.5]))
+    torch.testing.assert_close(consensus[1], torch.tensor([0.75, 0.75, 0.5]))
+    assert teacher_consensus(logps[:1], group_size=3).eq(0.5).all()  # one teacher: nobody to agree with
 
 
 def test_purified_target_is_the_weighted_geometric_mean():

@@ -7,7 +7,14 @@
 from .config import PurifiedDistillConfig
 from .dataset import generation_aggregator, purify_rationales
 from .methods import PURIFICATIONS, RouterSettings, build_purifier
-from .signal import best_teachers, choice_accuracy, decisive_prompts, ranking_agreement, teacher_conflict
+from .signal import (
+    best_teachers,
+    choice_accuracy,
+    decisive_prompts,
+    ranking_agreement,
+    teacher_conflict,
+    teacher_consensus,
+)
 from .target import purified_logps
 from .trainer import PurifiedDistillTrainer
 
@@ -25,4 +32,5 @@ __all__ = [
     "purify_rationales",
     "ranking_agreement",
     "teacher_conflict",
+    "teacher_consensus",
 ]

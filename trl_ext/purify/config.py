@@ -132,10 +132,11 @@ class PurifiedDistillConfig(GRPOConfig):
         default=256, metadata={"help": "classifier_router: prompts per minibatch drawn from the memory."}
     )
     aggregation_temperature: float = field(
-        default=0.1,
+        default=0.05,
         metadata={
-            "help": "aggregation: teacher weights are softmax(signal / temperature) on each prompt (the signal is in "
-            "[0, 1]); large values approach the naive average."
+            "help": "aggregation: teacher weights are softmax(evidence / temperature) on each prompt, the evidence "
+            "being the signal where the prompt has one and the teachers' consensus elsewhere (both in [0, 1]); "
+            "large values approach the naive average. 0.05 is our choice [I]."
         },
     )
     rl_learning_rate: float = field(
@@ -155,8 +156,9 @@ class PurifiedDistillConfig(GRPOConfig):
     rl_signal_in_state: bool = field(
         default=True,
         metadata={
-            "help": "rl_selection: give the policy each teacher's signal on the prompt (the paper's state carries "
-            "each teacher's answer correctness); False: the prompt features only."
+            "help": "rl_selection: give the policy each teacher's evidence on the prompt: its signal, or the "
+            "teachers' consensus where the prompt has no signal (the paper's state carries each teacher's answer "
+            "correctness); False: the prompt features only."
         },
     )
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_seq_logps", "rewards")
-PROMPT_KEYS = ("features", "signal", "actions")
+PROMPT_KEYS = ("features", "signal", "consensus", "actions")
 
 
 class PendingDecisions:

@@ -76,12 +76,9 @@ def choice_accuracy(weights: torch.Tensor, signal: torch.Tensor, tolerance: floa
     return on_best[decisive].mean()
 
 
-def teacher_conflict(teacher_seq_logps: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The "knowledge conflict": (K, K) rate at which two teachers strictly prefer opposite completions.
-
-    Over every pair of completions of the same prompt that both teachers order strictly, the fraction they order
-    oppositely. Reward-free: it measures disagreement, not who is right. NaN where a teacher pair orders no pair.
-    """
+def _opposite_orders(teacher_seq_logps: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt and teacher pair: (K, K, Q) count of completion pairs both teachers order strictly, and of those
+    they order oppositely."""
     num_teachers = teacher_seq_logps.size(0)
     logps = teacher_seq_logps.double().view(num_teachers, -1, group_size)
     order = torch.sign(logps.unsqueeze(3) - logps.unsqueeze(2))  # (K, Q, G, G)
@@ -89,9 +86,44 @@ def teacher_conflict(teacher_seq_logps: torch.Tensor, group_size: int) -> torch.
     order = order[:, :, upper]  # (K, Q, pairs)
     both = (order.unsqueeze(1) != 0) & (order.unsqueeze(0) != 0)  # (K, K, Q, pairs)
     opposite = (order.unsqueeze(1) * order.unsqueeze(0)) < 0
-    counted = both.sum(dim=(2, 3)).double()
-    rate = opposite.sum(dim=(2, 3)).double() / counted.clamp(min=1)
+    return both.sum(dim=3).double(), opposite.sum(dim=3).double()
+
+
+def teacher_conflict(teacher_seq_logps: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The "knowledge conflict": (K, K) rate at which two teachers strictly prefer opposite completions.
+
+    Over every pair of completions of the same prompt that both teachers order strictly, the fraction they order
+    oppositely. Reward-free: it measures disagreement, not who is right. NaN where a teacher pair orders no pair.
+    """
+    counted, opposite = (x.sum(dim=2) for x in _opposite_orders(teacher_seq_logps, group_size))
+    rate = opposite / counted.clamp(min=1)
     return torch.where(counted > 0, rate, torch.full_like(rate, float("nan")))
+
+
+def teacher_consensus(teacher_seq_logps: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Reward-free: (Q, K) how much each teacher agrees with the OTHER teachers on how to order the prompt's
+    completions, in [0, 1] like the signal: the mean over the other teachers of 1 - their conflict rate on this
+    prompt (1 = ordered like every other teacher, 1/2 = unrelated or nothing to compare, 0 = always opposite).
+
+    It is not the signal: a majority of teachers can agree and be wrong. Aggregation uses it only on prompts where
+    the signal is undefined (methods/aggregation.py).
+    """
+    num_teachers = teacher_seq_logps.size(0)
+    if num_teachers == 1:
+        return torch.full((teacher_seq_logps.size(1) // group_size, 1), 0.5)
+    counted, opposite = _opposite_orders(teacher_seq_logps, group_size)
+    agreement = torch.where(counted > 0, 1.0 - opposite / counted.clamp(min=1), torch.full_like(counted, 0.5))
+    others = ~torch.eye(num_teachers, dtype=torch.bool, device=agreement.device)
+    consensus = (agreement * others.unsqueeze(-1)).sum(dim=1) / (num_teachers - 1)  # (K, Q)
+    return consensus.t().to(torch.float32).cpu()
+
+
+def evidence(signal: torch.Tensor, consensus: torch.Tensor | None) -> torch.Tensor:
+    """(Q, K) what a method that reads the teachers' outputs on the prompt itself knows of who is right: the signal
+    where the prompt has one, else the teachers' consensus, else 1/2 ("no information" on the signal's scale)."""
+    defined = ~torch.isnan(signal).any(dim=1, keepdim=True)
+    fallback = consensus.to(signal.dtype) if consensus is not None else torch.full_like(signal, 0.5)
+    return torch.where(defined, signal.nan_to_num(0.5), fallback)
 
 
 def mean_conflict(conflict: torch.Tensor) -> torch.Tensor:

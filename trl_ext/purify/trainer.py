@@ -38,6 +38,7 @@ from .signal import (
     ranking_agreement,
     sequence_logps,
     teacher_conflict,
+    teacher_consensus,
 )
 from .target import purified_logps
 
@@ -51,6 +52,7 @@ class PromptBatch:
     features: torch.Tensor  # (Q, D) router features, one row per prompt
     signal: torch.Tensor  # (Q, K) per-teacher signal, NaN where undefined
     teacher_seq_logps: torch.Tensor  # (K, N) teachers' log-likelihood of every completion
+    consensus: torch.Tensor  # (Q, K) reward-free agreement of each teacher with the others (signal.teacher_consensus)
     rewards: torch.Tensor  # (N,) weighted rewards of every completion
     group_size: int
 
@@ -210,7 +212,7 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
         with single_threaded():  # microsecond-sized CPU math: see methods/base.py
             batch = self._gather_prompts(local_features, teacher_logps, mask, group_size)
             # Decide first, learn second: a prompt is never routed with its own label.
-            decision = self.purifier.decide(batch.features, batch.signal, explore=training)
+            decision = self.purifier.decide(batch.features, batch.signal, explore=training, consensus=batch.consensus)
             weights = self._broadcast(decision.weights)
             self._log_purification(batch, decision, weights)
         if training and self.purifier.learns_from_signal:
@@ -276,8 +278,8 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
         rewards = self._gathered_rewards()
         features = self._gather(local_features)[::group_size]  # one row per prompt
         signal = ranking_agreement(seq_logps, rewards, group_size)
-        return PromptBatch(features=features, signal=signal, teacher_seq_logps=seq_logps, rewards=rewards,
-                           group_size=group_size)
+        return PromptBatch(features=features, signal=signal, teacher_seq_logps=seq_logps,
+                           consensus=teacher_consensus(seq_logps, group_size), rewards=rewards, group_size=group_size)
 
     # ----- RL teacher selection: measure the student's improvement one rollout later ---------------------------
     def _store_pending(self, rollout, mask, student_logps, batch: PromptBatch, weights: torch.Tensor) -> None:
@@ -296,6 +298,7 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
             "rewards": batch.rewards,
             "features": batch.features,
             "signal": batch.signal,
+            "consensus": batch.consensus,
             "actions": weights.argmax(dim=1),
             "group_size": torch.tensor(batch.group_size),
         })
@@ -316,7 +319,7 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
         improvement = student_improvement(new_seq - pending["old_seq_logps"], pending["rewards"],
                                           int(pending["group_size"]))
         metrics = self.purifier.learn_from_improvement(pending["features"], pending["signal"], pending["actions"],
-                                                       improvement)
+                                                       improvement, consensus=pending["consensus"])
         self._sync_purifier()
         self.pending.clear()
         for name, value in metrics.items():

@@ -15,6 +15,6 @@ from .base import Decision, Purifier, uniform_weights
 class Averaging(Purifier):
     name = "none"
 
-    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool) -> Decision:
+    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool, consensus) -> Decision:
         q = features.size(0)
         return Decision(uniform_weights(q, self.num_teachers), torch.zeros(q, dtype=torch.bool))

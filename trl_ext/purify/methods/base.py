@@ -37,7 +37,7 @@ class RouterSettings:
     classifier_learning_rate: float = 1e-2
     classifier_steps: int = 4
     classifier_batch_size: int = 256
-    aggregation_temperature: float = 0.1
+    aggregation_temperature: float = 0.05
     rl_learning_rate: float = 0.005
     rl_entropy_coef: float = 0.01
     rl_exploration: float = 0.1
@@ -95,11 +95,15 @@ class Purifier:
         self.feature_dim = feature_dim
         self.settings = settings
 
-    def decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool = False) -> Decision:
-        """Weights over the teachers for (Q, D) prompt features; `signal` (Q, K) is only read by the RL selector;
-        `explore` makes it sample (training) instead of taking its best choice."""
+    def decide(
+        self, features: torch.Tensor, signal: torch.Tensor, explore: bool = False, consensus: torch.Tensor | None = None
+    ) -> Decision:
+        """Weights over the teachers for (Q, D) prompt features. Only the methods that see the teachers' outputs on
+        the prompt itself read `signal` (Q, K) (aggregation, the RL selector's state) and the reward-free `consensus`
+        (Q, K) (aggregation; signal.teacher_consensus); `explore` makes the RL selector sample instead of taking its
+        best choice."""
         with single_threaded():
-            return self._decide(features, signal, explore)
+            return self._decide(features, signal, explore, consensus)
 
     def learn(self, features: torch.Tensor, signal: torch.Tensor) -> dict[str, float]:
         """Learn from a batch of prompts with their signal (NaN rows: no signal). Returns metrics to log."""
@@ -107,19 +111,21 @@ class Purifier:
             return self._learn(features, signal)
 
     def learn_from_improvement(
-        self, features: torch.Tensor, signal: torch.Tensor, actions: torch.Tensor, improvement: torch.Tensor
+        self, features: torch.Tensor, signal: torch.Tensor, actions: torch.Tensor, improvement: torch.Tensor,
+        consensus: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """Learn from the student's measured improvement after training on the chosen teachers (RL only)."""
+        """Learn from the student's measured improvement after training on the chosen teachers (RL only); `signal`
+        and `consensus` are those the choices were made with."""
         with single_threaded():
-            return self._learn_from_improvement(features, signal, actions, improvement)
+            return self._learn_from_improvement(features, signal, actions, improvement, consensus)
 
-    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool) -> Decision:
+    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool, consensus) -> Decision:
         raise NotImplementedError
 
     def _learn(self, features: torch.Tensor, signal: torch.Tensor) -> dict[str, float]:
         return {}
 
-    def _learn_from_improvement(self, features, signal, actions, improvement) -> dict[str, float]:
+    def _learn_from_improvement(self, features, signal, actions, improvement, consensus) -> dict[str, float]:
         raise NotImplementedError(f"{self.name} does not learn from the student's improvement.")
 
     def sync_tensors(self) -> list[torch.Tensor]:

@@ -48,7 +48,7 @@ class ClassifierRouter(MemoryRouter):
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.mlp(features.float().cpu()), dim=1)
 
-    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool) -> Decision:
+    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool, consensus) -> Decision:
         q = features.size(0)
         if not self.ready:
             return fallback_decision(q, self.num_teachers)

@@ -84,7 +84,7 @@ class PlackettLuceRanking(MemoryRouter):
         super().__init__(num_teachers, feature_dim, settings)
         self.last_scores: torch.Tensor | None = None  # (Q, K) fitted xi of the latest decision, for inspection
 
-    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool) -> Decision:
+    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool, consensus) -> Decision:
         q = features.size(0)
         if not self.ready:
             return fallback_decision(q, self.num_teachers)

@@ -27,7 +27,7 @@ class SimilarityRouter(MemoryRouter):
     name = "similarity_router"
 
 
-    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool) -> Decision:
+    def _decide(self, features: torch.Tensor, signal: torch.Tensor, explore: bool, consensus) -> Decision:
         q = features.size(0)
         if not self.ready:
             return fallback_decision(q, self.num_teachers)
