@@ -42,8 +42,13 @@ def shared_support(
     if topk is None or topk >= student_logps.size(-1):
         return Support(student_logps, teacher_logps, token_ids=None, has_tail=False)
     token_ids = student_logps.detach().topk(topk, dim=-1).indices
-    student = student_logps.gather(-1, token_ids)
-    teacher = teacher_logps.gather(-1, token_ids)
+    return support_from_top_k(student_logps.gather(-1, token_ids), teacher_logps.gather(-1, token_ids), token_ids,
+                              add_tail)
+
+
+def support_from_top_k(student: torch.Tensor, teacher: torch.Tensor, token_ids: torch.Tensor,
+                       add_tail: bool = True) -> Support:
+    """The shared support from both models' log-probs (..., k) of the student's top-k `token_ids`."""
     if add_tail:
         student = torch.cat([student, tail_log_mass(student)], dim=-1)
         teacher = torch.cat([teacher, tail_log_mass(teacher)], dim=-1)

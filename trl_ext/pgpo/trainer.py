@@ -25,7 +25,7 @@ from ..core import ExtGRPOTrainer
 from ..core.trainer import resolve_config
 from .config import PGPOConfig
 from .context import Templates, assign_contexts, strip_thinking, teacher_prompt
-from .divergences import clipped_importance_weights, generalized_jsd, shared_support
+from .divergences import clipped_importance_weights, generalized_jsd, shared_support, support_from_top_k
 from .information import (
     agreement_joint,
     correction_information,
@@ -34,6 +34,7 @@ from .information import (
     uncertainty_coefficient,
     verified_joint,
 )
+from .sparse_log_probs import gathered_log_probs, log_normalizer
 from .step_size import StepSizeController
 from .teacher import SelfTeacher
 
@@ -198,18 +199,18 @@ class PGPOTrainer(ExtGRPOTrainer):
 
     def _self_distillation_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
         args = self.args
-        completion_ids = inputs["completion_ids"]
-        student = self._completion_log_probs(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs)
+        student = self._completion_logits(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs)
         with self.self_teacher.scoring(model) as teacher_model:
-            teacher = self._completion_log_probs(
+            teacher = self._completion_logits(
                 teacher_model, inputs[TEACHER_PROMPT_IDS], inputs[TEACHER_PROMPT_MASK], inputs
             )
-        support = shared_support(student, teacher, args.distillation_topk, args.distillation_add_tail)
+        vocab_size = student.size(-1)
+        support, sampled_logps, teacher_sampled = self._distillation_log_probs(student, teacher, inputs)
+        del student, teacher  # the (B, T, V) logits: only the student's stay, in the autograd graph
         divergence = generalized_jsd(support.student, support.teacher, args.distillation_alpha)  # (B, T)
 
         token_mask = self.loss_mask(inputs) * inputs[HAS_CONTEXT].unsqueeze(1)
         weights = token_mask.to(divergence.dtype)
-        sampled_logps = student.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
         importance = clipped_importance_weights(sampled_logps, inputs.get("old_per_token_logps"),
                                                 args.distillation_is_clip)
         if importance is not None:
@@ -225,16 +226,15 @@ class PGPOTrainer(ExtGRPOTrainer):
         loss = (divergence * weights).sum() / normalizer.to(divergence.dtype)
 
         if self._mode == "train":
-            teacher_sampled = teacher.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
             correction = ((teacher_sampled - sampled_logps.detach()) * token_mask).sum(1)
-            self._accumulate_step_statistics(support, divergence.detach(), token_mask, vocab_size=student.size(-1),
+            self._accumulate_step_statistics(support, divergence.detach(), token_mask, vocab_size=vocab_size,
                                              verified=verified_joint(correction, inputs[SUCCEEDED], inputs[HAS_CONTEXT]))
             if _compat.is_last_micro_batch(self):
                 self._modulate_step_size()
         return loss
 
-    def _completion_log_probs(self, model, prompt_ids, prompt_mask, inputs) -> torch.Tensor:
-        """(B, T, V) log-softmax of `model` at each completion position, after `prompt_ids`, at TRL's temperature."""
+    def _completion_logits(self, model, prompt_ids, prompt_mask, inputs) -> torch.Tensor:
+        """(B, T, V) logits of `model` at each completion position, after `prompt_ids` (in the model's dtype)."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
@@ -242,12 +242,30 @@ class PGPOTrainer(ExtGRPOTrainer):
         multimodal = {key: inputs[key] for key in _compat.MULTIMODAL_KEYS if inputs.get(key) is not None}
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=length + 1,
                        use_cache=False, **multimodal).logits
-        logits = logits[:, :-1, :].float()  # position t predicts completion token t
-        if torch.is_grad_enabled():
-            return (logits / self.temperature).log_softmax(-1)
-        # The teacher (no gradient): normalize in place, so a (B, T, V) float32 copy is the only extra memory.
-        logits.div_(self.temperature)
-        return logits.sub_(logits.logsumexp(-1, keepdim=True))
+        return logits[:, :-1, :]  # position t predicts completion token t
+
+    def _distillation_log_probs(self, student: torch.Tensor, teacher: torch.Tensor, inputs) -> tuple:
+        """Both models' logits -> (the shared support, the student's and the teacher's log-probs of the sampled
+        tokens), at TRL's temperature."""
+        args, temperature = self.args, self.temperature
+        sampled = inputs["completion_ids"].unsqueeze(-1)
+        if args.distillation_topk is not None and args.distillation_topk < student.size(-1):
+            # Top-k: only k + 1 entries per position are read, so only the normalizers are computed over the
+            # vocabulary (sparse_log_probs.py), never a (B, T, V) float32 log-softmax.
+            student_norm, teacher_norm = log_normalizer(student, temperature), log_normalizer(teacher, temperature)
+            token_ids = student.detach().topk(args.distillation_topk, dim=-1).indices
+            support = support_from_top_k(gathered_log_probs(student, token_ids, student_norm, temperature),
+                                         gathered_log_probs(teacher, token_ids, teacher_norm, temperature),
+                                         token_ids, args.distillation_add_tail)
+            return (support, gathered_log_probs(student, sampled, student_norm, temperature).squeeze(-1),
+                    gathered_log_probs(teacher, sampled, teacher_norm, temperature).squeeze(-1))
+        # The full vocabulary is the support.
+        student = (student.float() / temperature).log_softmax(-1)
+        teacher = teacher.float()  # the teacher has no gradient: normalized in place, one float32 copy
+        teacher.div_(temperature)
+        teacher.sub_(teacher.logsumexp(-1, keepdim=True))
+        support = shared_support(student, teacher, None, args.distillation_add_tail)
+        return support, student.gather(-1, sampled).squeeze(-1), teacher.gather(-1, sampled).squeeze(-1)
 
     # ----- PGPO: information -> step size (once per optimizer step) -------------------------------------------
     def _accumulate_step_statistics(self, support, divergence: torch.Tensor, token_mask: torch.Tensor,
