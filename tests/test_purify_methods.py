@@ -214,7 +214,8 @@ def test_rl_selection_learns_a_planted_rule_from_rewards_alone():
 
 
 def test_rl_selection_learns_to_follow_the_signal_in_its_state():
-    purifier = build_purifier("rl_selection", 3, 8, RouterSettings(rl_learning_rate=0.2, seed=0))
+    # From a uniform start (no evidence prior), the improvement reward alone teaches it to follow the signal.
+    purifier = build_purifier("rl_selection", 3, 8, RouterSettings(rl_learning_rate=0.2, rl_evidence_prior=0.0, seed=0))
     generator = torch.Generator().manual_seed(0)
     for _ in range(100):
         signals = torch.rand(32, 3, generator=generator)
@@ -228,9 +229,9 @@ def test_rl_selection_learns_to_follow_the_signal_in_its_state():
 
 
 def test_rl_selection_routes_prompts_without_a_signal_by_the_consensus():
-    # Trained on prompts with a signal; prompts without one (all NaN) are then routed by the teachers' consensus,
-    # which enters the state on the signal's scale, instead of by the (untrained) prompt features.
-    purifier = build_purifier("rl_selection", 3, 8, RouterSettings(rl_learning_rate=0.2, seed=0))
+    # Trained (from a uniform start) on prompts with a signal; prompts without one (all NaN) are then routed by the
+    # teachers' consensus, which enters the state on the signal's scale, instead of by the untrained prompt features.
+    purifier = build_purifier("rl_selection", 3, 8, RouterSettings(rl_learning_rate=0.2, rl_evidence_prior=0.0, seed=0))
     generator = torch.Generator().manual_seed(1)
     for _ in range(100):
         signals = torch.rand(32, 3, generator=generator)
@@ -244,6 +245,18 @@ def test_rl_selection_routes_prompts_without_a_signal_by_the_consensus():
     # Without a consensus the state carries nothing on these prompts: one policy (the bias) for all of them.
     probabilities = purifier.probabilities(torch.zeros(64, 8), no_signal)
     torch.testing.assert_close(probabilities, probabilities[:1].expand(64, 3))
+
+
+def test_rl_selection_starts_from_the_evidence_with_its_default_prior():
+    # Untrained: the default prior makes the greedy choice the teacher with the best signal, or, without a signal,
+    # the best consensus; a zero prior makes the untrained policy uniform.
+    signal = torch.tensor([[0.2, 0.9, 0.5], [NAN, NAN, NAN]])
+    consensus = torch.tensor([[0.5, 0.5, 0.5], [0.8, 0.3, 0.6]])
+    purifier = build_purifier("rl_selection", 3, 4, RouterSettings())
+    assert purifier.decide(torch.zeros(2, 4), signal, consensus=consensus).actions.tolist() == [1, 0]
+    uniform = build_purifier("rl_selection", 3, 4, RouterSettings(rl_evidence_prior=0.0))
+    torch.testing.assert_close(uniform.probabilities(torch.zeros(2, 4), signal, consensus=consensus),
+                               torch.full((2, 3), 1 / 3))
 
 
 @pytest.mark.parametrize("name", PURIFICATIONS)

@@ -258,6 +258,8 @@ def test_grpo_config_is_rejected(tmp_path, student_path, teacher_path, arithmeti
         ({"router_ngram_order": 6}, "router_ngram_order"),
         ({"router_min_examples": -1}, "router_min_examples"),
         ({"rl_learning_rate": 0.0}, "rl_learning_rate"),
+        ({"rl_evidence_prior": float("nan")}, "rl_evidence_prior"),
+        ({"purification": "rl_selection", "rl_signal_in_state": False}, "rl_evidence_prior=30.0"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
     ],
 )

@@ -30,7 +30,7 @@ class RouterSettings:
     memory_size: int = 1024
     min_examples: int = 16
     similarity_neighbors: int = 16
-    plackett_luce_gamma: float = 10.0
+    plackett_luce_gamma: float = 1000.0
     plackett_luce_steps: int = 20
     plackett_luce_l2: float = 0.01
     classifier_hidden_size: int = 64
@@ -42,6 +42,7 @@ class RouterSettings:
     rl_entropy_coef: float = 0.01
     rl_exploration: float = 0.1
     rl_signal_in_state: bool = True
+    rl_evidence_prior: float = 30.0
     seed: int = 0
 
 

@@ -10,7 +10,11 @@ each question by maximum likelihood over training rankings weighted by w = gamma
   exact Plackett-Luce log-likelihood when there are no ties;
 * xi is fitted per prompt by `plackett_luce_steps` Newton steps on the weighted mean log-likelihood (concave)
   with a small L2 penalty that keeps xi finite when one teacher always wins;
-* similarities are the centred cosines of the router features.
+* similarities are the centred cosines of the router features;
+* gamma defaults to 1000, not RouteLLM's 10: on the hashed n-gram features, additions with different first operands
+  (where the generalist is right or confidently wrong) differ by a few n-grams only, and at gamma 10 the fit was
+  close to the global ranking (purify benchmark, 4 seeds, in-domain student reward: 0.333 at 10, level with
+  averaging; 0.387 at 100; 0.400 at 1000).
 
 The router sees only the prompt. Until `min_examples` decisive prompts are stored it averages all teachers.
 """
