@@ -2,7 +2,8 @@ from .config import DelightConfig
 from .delight import delight_weights, sequence_delight, surprisal, token_delight
 from .gate import GATE_RULES, KondoGate, gate_decisions, quantile_price
 from .gated import KondoGateArguments, KondoGateMixin
-from .packing import concat_rows, pack_survivors, take_rows
+from ..core.rows import concat_rows, take_rows
+from .packing import pack_survivors
 from .trainer import DelightTrainer
 
 __all__ = [

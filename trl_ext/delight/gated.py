@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from .. import _compat
+from ..core.rows import concat_rows, take_rows
 from ..core.stats import masked_moments
 from .delight import sequence_delight, surprisal, token_delight
 from .gate import GATE_RULES, KondoGate
-from .packing import chunks_needed, concat_rows, pack_survivors, take_rows
+from .packing import chunks_needed, pack_survivors
 
 SURPRISAL_SOURCES = ("policy", "sampler")
 NORMALIZERS = ("all_tokens", "survivors")

@@ -13,34 +13,6 @@ import math
 import torch
 
 
-def concat_rows(chunks: list[dict]) -> dict:
-    """Inverse of TRL's `split_tensor_dict`: rows of several micro-batches as one batch."""
-    merged = {}
-    for key, first in chunks[0].items():
-        if first is None:
-            merged[key] = None
-        elif isinstance(first, list):
-            merged[key] = [row for chunk in chunks for row in chunk[key]]
-        elif first.ndim == 0:
-            merged[key] = first  # batch-level scalars (num_items_in_batch) are shared by every chunk
-        else:
-            merged[key] = torch.cat([chunk[key] for chunk in chunks], dim=0)
-    return merged
-
-
-def take_rows(batch: dict, index: torch.Tensor) -> dict:
-    """The rows `index` of a batch; batch-level scalars are kept as they are."""
-    taken = {}
-    for key, value in batch.items():
-        if value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
-            taken[key] = value
-        elif isinstance(value, list):
-            taken[key] = [value[i] for i in index.tolist()]
-        else:
-            taken[key] = value[index.to(value.device)]
-    return taken
-
-
 def chunks_needed(num_survivors: int, chunk_size: int) -> int:
     return math.ceil(num_survivors / chunk_size)
 

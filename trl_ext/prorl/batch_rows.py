@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core import rows
+
 PAD_TOKEN = "pad_token"  # placeholder replaced by the tokenizer's pad id
 
 # key -> (side the padding goes on, padding value). Keys absent here cannot be merged safely.
@@ -55,29 +57,26 @@ def pad_to_width(tensor: torch.Tensor, width: int, side: str, value) -> torch.Te
 
 
 def concat_rows(rollouts: list[dict], pad_token_id: int) -> dict:
-    """Stack the rows of several rollouts (same keys), padding each tensor to the widest one on its side."""
-    keys = [k for k, v in rollouts[0].items() if v is not None and k not in BATCH_KEYS]
+    """Stack the rows of several rollouts (same keys), padding each tensor to the widest one on its side. Batch-level
+    entries are dropped: the caller recomputes them for the new rows."""
+    keys = {k for k, v in rollouts[0].items() if v is not None and k not in BATCH_KEYS}
     for rollout in rollouts:
         check_mergeable(rollout)
         present = {k for k, v in rollout.items() if v is not None and k not in BATCH_KEYS}
-        if present != set(keys):
+        if present != keys:
             raise ValueError(f"rollouts to merge have different entries: {sorted(present)} vs {sorted(keys)}")
-    merged = {}
-    for key in keys:
+
+    def widen(key: str, tensor: torch.Tensor, width: int) -> torch.Tensor:
         side, value = ROW_LAYOUT[key]
-        tensors = [r[key] for r in rollouts]
-        width = max(t.size(1) if t.dim() > 1 else 0 for t in tensors)
-        merged[key] = torch.cat([pad_to_width(t, width, side, _pad_value(value, pad_token_id)) for t in tensors])
-    return merged
+        return pad_to_width(tensor, width, side, _pad_value(value, pad_token_id))
+
+    present_only = [{k: v for k, v in r.items() if k in keys} for r in rollouts]
+    return rows.concat_rows(present_only, widen=widen, keep_scalars=False)
 
 
 def take_rows(rollout: dict, index: torch.Tensor) -> dict:
     """The rows `index` of every per-row tensor (batch-level entries are dropped: recompute them)."""
-    return {
-        k: v.index_select(0, index.to(v.device))
-        for k, v in rollout.items()
-        if v is not None and k not in BATCH_KEYS
-    }
+    return rows.take_rows({k: v for k, v in rollout.items() if v is not None and k not in BATCH_KEYS}, index)
 
 
 def mask_rows(rollout: dict, keep: torch.Tensor) -> dict:
