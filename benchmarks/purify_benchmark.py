@@ -544,7 +544,7 @@ def plot(report: dict, path: Path) -> None:
                     label="GNDPO + 2 forwards + measured purification (+ RL's student forward)")
         ax.set_ylabel("median CPU ms per optimizer step (lr 0, 1 thread)")
         ax.tick_params(axis="x", labelsize=7)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="lower center", framealpha=0.9)
     else:
         ax.text(0.5, 0.5, "timing skipped", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("(d) cost of K = 3 teachers")
