@@ -95,9 +95,7 @@ def teacher_conflict(teacher_seq_logps: torch.Tensor, group_size: int) -> torch.
     Over every pair of completions of the same prompt that both teachers order strictly, the fraction they order
     oppositely. Reward-free: it measures disagreement, not who is right. NaN where a teacher pair orders no pair.
     """
-    counted, opposite = (x.sum(dim=2) for x in _opposite_orders(teacher_seq_logps, group_size))
-    rate = opposite / counted.clamp(min=1)
-    return torch.where(counted > 0, rate, torch.full_like(rate, float("nan")))
+    return conflict_and_consensus(teacher_seq_logps, group_size)[0]
 
 
 def teacher_consensus(teacher_seq_logps: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -108,14 +106,22 @@ def teacher_consensus(teacher_seq_logps: torch.Tensor, group_size: int) -> torch
     It is not the signal: a majority of teachers can agree and be wrong. Aggregation uses it only on prompts where
     the signal is undefined (methods/aggregation.py).
     """
+    return conflict_and_consensus(teacher_seq_logps, group_size)[1]
+
+
+def conflict_and_consensus(teacher_seq_logps: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`teacher_conflict` (K, K) and `teacher_consensus` (Q, K) from one count of the teachers' completion orders."""
     num_teachers = teacher_seq_logps.size(0)
+    counted, opposite = _opposite_orders(teacher_seq_logps, group_size)  # (K, K, Q)
+    pooled_counted, pooled_opposite = counted.sum(dim=2), opposite.sum(dim=2)
+    rate = pooled_opposite / pooled_counted.clamp(min=1)
+    conflict = torch.where(pooled_counted > 0, rate, torch.full_like(rate, float("nan")))
     if num_teachers == 1:
-        return torch.full((teacher_seq_logps.size(1) // group_size, 1), 0.5)
-    counted, opposite = _opposite_orders(teacher_seq_logps, group_size)
+        return conflict, torch.full((counted.size(2), 1), 0.5)
     agreement = torch.where(counted > 0, 1.0 - opposite / counted.clamp(min=1), torch.full_like(counted, 0.5))
     others = ~torch.eye(num_teachers, dtype=torch.bool, device=agreement.device)
     consensus = (agreement * others.unsqueeze(-1)).sum(dim=1) / (num_teachers - 1)  # (K, Q)
-    return consensus.t().to(torch.float32).cpu()
+    return conflict, consensus.t().to(torch.float32).cpu()
 
 
 def evidence(signal: torch.Tensor, consensus: torch.Tensor | None) -> torch.Tensor:

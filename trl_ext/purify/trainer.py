@@ -33,12 +33,11 @@ from .methods.rl_selection import student_improvement
 from .pending import PendingDecisions
 from .signal import (
     choice_accuracy,
+    conflict_and_consensus,
     decisive_prompts,
     mean_conflict,
     ranking_agreement,
     sequence_logps,
-    teacher_conflict,
-    teacher_consensus,
 )
 from .target import purified_logps
 
@@ -53,6 +52,7 @@ class PromptBatch:
     signal: torch.Tensor  # (Q, K) per-teacher signal, NaN where undefined
     teacher_seq_logps: torch.Tensor  # (K, N) teachers' log-likelihood of every completion
     consensus: torch.Tensor  # (Q, K) reward-free agreement of each teacher with the others (signal.teacher_consensus)
+    conflict: torch.Tensor  # (K, K) rate at which two teachers order completions oppositely (signal.teacher_conflict)
     rewards: torch.Tensor  # (N,) weighted rewards of every completion
     group_size: int
 
@@ -278,8 +278,9 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
         rewards = self._gathered_rewards()
         features = self._gather(local_features)[::group_size]  # one row per prompt
         signal = ranking_agreement(seq_logps, rewards, group_size)
-        return PromptBatch(features=features, signal=signal, teacher_seq_logps=seq_logps,
-                           consensus=teacher_consensus(seq_logps, group_size), rewards=rewards, group_size=group_size)
+        conflict, consensus = conflict_and_consensus(seq_logps, group_size)  # one count of orders serves both
+        return PromptBatch(features=features, signal=signal, teacher_seq_logps=seq_logps, consensus=consensus,
+                           conflict=conflict, rewards=rewards, group_size=group_size)
 
     # ----- RL teacher selection: measure the student's improvement one rollout later ---------------------------
     def _store_pending(self, rollout, mask, student_logps, batch: PromptBatch, weights: torch.Tensor) -> None:
@@ -336,6 +337,6 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
         self.log_metric("decisive_fraction", decisive_prompts(batch.signal).float().mean())
         self.log_metric("fallback_fraction", decision.fallback.float().mean())
         if self.num_teachers > 1:
-            self.log_metric("disagreement", mean_conflict(teacher_conflict(batch.teacher_seq_logps, batch.group_size)))
+            self.log_metric("disagreement", mean_conflict(batch.conflict))
         if getattr(self.purifier, "last_entropy", None) is not None:
             self.log_metric("rl_policy_entropy", self.purifier.last_entropy)
