@@ -77,6 +77,12 @@ def test_without_reward_functions(tmp_path, student_path, teacher_path, arithmet
     assert "gndpo/reverse_kl" in trainer.state.log_history[0]
 
 
+def test_a_teacher_given_twice_must_be_the_same(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    args = cpu_config(GNDPOConfig, tmp_path, teacher_model_name_or_path=teacher_path)
+    with pytest.raises(ValueError, match="teacher is given twice and differs: `teacher_model` is "):
+        GNDPOTrainer(model=student_path, args=args, train_dataset=arithmetic_dataset, teacher_model=student_path)
+
+
 def test_teacher_from_config_and_instance(tmp_path, student_path, teacher_path, arithmetic_dataset):
     args = cpu_config(GNDPOConfig, tmp_path, teacher_model_name_or_path=teacher_path,
                       teacher_model_init_kwargs='{"dtype": "float32"}')

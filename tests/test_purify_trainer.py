@@ -219,6 +219,13 @@ def test_single_teacher_instead_of_a_list(tmp_path, student_path, teacher_path, 
                                teacher_models=teacher_path)
 
 
+def test_teachers_given_twice_must_be_the_same(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    args = cpu_config(PurifiedDistillConfig, tmp_path, teacher_model_names_or_paths=[teacher_path, teacher_path])
+    with pytest.raises(ValueError, match="teachers are given twice and differ"):
+        PurifiedDistillTrainer(model=student_path, reward_funcs=[demo.task_reward], args=args,
+                               train_dataset=arithmetic_dataset, teacher_models=[teacher_path, student_path])
+
+
 def test_vocabulary_mismatch_names_the_teacher(tmp_path, student_path, teacher_path, other_vocab_path,
                                                arithmetic_dataset):
     student_vocab = len(demo.build_tokenizer())

@@ -1,14 +1,15 @@
 """Shared machinery of every trl_ext trainer: the hooked base trainer, global statistics, teachers, model cards."""
 
 from .stats import MaskedMoments, accelerator_reduce_sum, local_reduce, masked_mean, masked_moments
-from .teachers import check_same_vocabulary, load_teacher, prepare_teacher, vocab_size_of
+from .teachers import load_teacher, prepare_teacher
 from .trainer import ExtGRPOTrainer, zero_reward
+from .vocabulary import check_teacher_vocabulary, vocab_size_of
 
 __all__ = [
     "ExtGRPOTrainer",
     "MaskedMoments",
     "accelerator_reduce_sum",
-    "check_same_vocabulary",
+    "check_teacher_vocabulary",
     "load_teacher",
     "local_reduce",
     "masked_mean",

@@ -1,4 +1,4 @@
-"""Frozen teacher models: loading, vocabulary checks and preparation for every launch mode.
+"""Frozen teacher models: loading and preparation for every launch mode (vocabulary checks: vocabulary.py).
 
 A teacher is given as a Hub id, a local path, or an instantiated `PreTrainedModel`. It is prepared the way
 GRPOTrainer prepares its reference model: sharded with DeepSpeed ZeRO-3 or FSDP when those are on,
@@ -10,32 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .. import _compat
-
-
-def vocab_size_of(model_or_path: str | PreTrainedModel, trust_remote_code: bool = False) -> int:
-    """Size of the output vocabulary, read from the config (no weights are loaded for a path)."""
-    if isinstance(model_or_path, str):
-        config = AutoConfig.from_pretrained(model_or_path, trust_remote_code=trust_remote_code)
-    else:
-        embeddings = model_or_path.get_output_embeddings()
-        if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-            return int(embeddings.weight.shape[0])
-        config = model_or_path.config
-    return int(config.get_text_config().vocab_size)
-
-
-def check_same_vocabulary(student_size: int, teacher_size: int, teacher_name: str = "teacher") -> None:
-    """Token-level distillation compares log-probs of the same token ids: the vocabularies must match."""
-    if student_size != teacher_size:
-        raise ValueError(
-            f"The {teacher_name} has a vocabulary of {teacher_size} tokens but the student has {student_size}. "
-            "Token-level distillation scores the student's sampled token ids under the teacher, so both must use "
-            "the same tokenizer and vocabulary size. Choose a teacher from the student's model family (or resize "
-            "the embeddings so both match)."
-        )
 
 
 def teacher_display_name(teacher: str | PreTrainedModel) -> str:

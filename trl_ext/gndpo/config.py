@@ -22,8 +22,8 @@ class GNDPOConfig(GRPOConfig):
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Hub id or local path of the frozen teacher. It must share the student's vocabulary. Ignored "
-            "when a `teacher_model` instance is passed to the trainer."
+            "help": "Hub id or local path of the frozen teacher. It must share the student's tokenizer. "
+            "Alternatively pass `teacher_model` to the trainer; giving both is an error unless they are the same."
         },
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from ..core import ExtGRPOTrainer, check_same_vocabulary, load_teacher, prepare_teacher, vocab_size_of, zero_reward
+from ..core import ExtGRPOTrainer, check_teacher_vocabulary, load_teacher, prepare_teacher, zero_reward
 from ..core.trainer import resolve_config
 from ..core.teachers import teacher_display_name
 from .advantages import GNDPOAdvantages, gndpo_advantages
@@ -64,18 +64,21 @@ class GNDPOTrainer(ExtGRPOTrainer):
         teacher_model: str | PreTrainedModel | None = None,
     ):
         args = resolve_config(model, args, GNDPOConfig, "GNDPO")
-        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        configured = args.teacher_model_name_or_path
+        if teacher_model is not None and configured is not None and teacher_model != configured:
+            raise ValueError(
+                f"The teacher is given twice and differs: `teacher_model` is {teacher_display_name(teacher_model)!r} "
+                f"and `teacher_model_name_or_path` in the config is {configured!r}. Give it in one place only."
+            )
+        teacher = teacher_model if teacher_model is not None else configured
         if teacher is None:
             raise ValueError(
                 "GNDPOTrainer needs a teacher: pass `teacher_model=` (an id, a path or a model) or set "
                 "`teacher_model_name_or_path` in GNDPOConfig."
             )
-        # Checked from the configs, before any weights are loaded.
-        check_same_vocabulary(
-            vocab_size_of(model, args.trust_remote_code),
-            vocab_size_of(teacher, args.trust_remote_code),
-            teacher_name=f"teacher {teacher_display_name(teacher)!r}",
-        )
+        # Checked from the configs and tokenizers, before any weights are loaded.
+        check_teacher_vocabulary(model, teacher, teacher_name=f"teacher {teacher_display_name(teacher)!r}",
+                                 trust_remote_code=args.trust_remote_code, student_tokenizer=processing_class)
         if reward_funcs is None and environment_factory is None:
             reward_funcs = [zero_reward]  # GRPOTrainer needs a reward source; GNDPO's advantage needs none.
 

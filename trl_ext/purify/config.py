@@ -31,8 +31,8 @@ class PurifiedDistillConfig(GRPOConfig):
     teacher_model_names_or_paths: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Hub ids or local paths of the K frozen teachers (all must share the student's vocabulary). "
-            "Ignored when `teacher_models` is passed to the trainer."
+            "help": "Hub ids or local paths of the K frozen teachers (all must share the student's tokenizer). "
+            "Alternatively pass `teacher_models` to the trainer; giving both is an error unless they are the same."
         },
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..core import ExtGRPOTrainer, check_same_vocabulary, load_teacher, prepare_teacher, vocab_size_of, zero_reward
+from ..core import ExtGRPOTrainer, check_teacher_vocabulary, load_teacher, prepare_teacher, zero_reward
 from ..core.teachers import teacher_display_name
 from ..gndpo.advantages import GNDPOAdvantages, gndpo_advantages
 from .config import NEEDS_REWARD, PurifiedDistillConfig
@@ -71,8 +71,8 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
     """Drop-in replacement for `trl.GRPOTrainer` that distils K frozen teachers into the policy, purified per prompt.
 
     Args:
-        model, reward_funcs, args, ...: exactly as in `trl.GRPOTrainer`. Reward functions are required by the
-            learning purifications (they define which teacher is right), optional for "none" and "aggregation".
+        model, reward_funcs, args, ...: exactly as in `trl.GRPOTrainer`. Reward functions are required by every
+            purification (they define which teacher is right on a prompt) and optional only for "none".
         teacher_models: a list of teachers, each an id, a path or a `PreTrainedModel`; defaults to
             `args.teacher_model_names_or_paths`. Their order is the order of the `purify/*/teacher_<k>` metrics.
     """
@@ -122,11 +122,11 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
                 "with trl_ext.purify.PurifiedDistillConfig(...); it accepts every GRPOConfig field."
             )
         teachers = self._teacher_list(teacher_models, args)
-        # Checked from the configs, before any weights are loaded.
-        student_vocab = vocab_size_of(model, args.trust_remote_code)
+        # Checked from the configs and tokenizers, before any weights are loaded.
         for index, teacher in enumerate(teachers):
-            check_same_vocabulary(student_vocab, vocab_size_of(teacher, args.trust_remote_code),
-                                  teacher_name=f"teacher {index} ({teacher_display_name(teacher)!r})")
+            name = f"teacher {index} ({teacher_display_name(teacher)!r})"
+            check_teacher_vocabulary(model, teacher, teacher_name=name, trust_remote_code=args.trust_remote_code,
+                                     student_tokenizer=processing_class)
         has_reward = reward_funcs is not None or environment_factory is not None
         if args.purification in NEEDS_REWARD and not has_reward:
             raise ValueError(
@@ -178,7 +178,13 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
                 "`teacher_models` must be a list of teachers (ids, paths or models), got a single "
                 f"{type(teacher_models).__name__}. Wrap it in a list: teacher_models=[teacher]."
             )
-        teachers = list(teacher_models) if teacher_models is not None else list(args.teacher_model_names_or_paths or [])
+        configured = list(args.teacher_model_names_or_paths or [])
+        if teacher_models is not None and configured and list(teacher_models) != configured:
+            raise ValueError(
+                f"The teachers are given twice and differ: `teacher_models` has {len(list(teacher_models))} and "
+                f"`teacher_model_names_or_paths` in the config is {configured!r}. Give them in one place only."
+            )
+        teachers = list(teacher_models) if teacher_models is not None else configured
         if not teachers:
             raise ValueError(
                 "PurifiedDistillTrainer needs at least one teacher, got an empty teacher list: pass "
