@@ -9,6 +9,7 @@ from trl import GRPOConfig
 
 from conftest import cpu_config
 from trl_ext import PGPOConfig, PGPOTrainer, demo
+from trl_ext.pgpo.divergences import clipped_importance_weights
 from trl_ext.pgpo.trainer import HAS_CONTEXT, TEACHER_PROMPT_IDS, TEACHER_PROMPT_MASK
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -130,6 +131,22 @@ def test_multiplier_scales_the_learning_rate_of_its_step_only(tmp_path, student_
         assert torch.allclose(deltas[1.7][name], 1.7 * deltas[1.0][name], atol=1e-6), name
 
 
+def test_the_scheduled_rate_is_restored_for_a_scheduler_that_builds_on_it(tmp_path, student_path, arithmetic_dataset):
+    """MultiplicativeLR makes each rate from the optimizer's current one: if m_k stayed in the optimizer after its step,
+    the schedule would compound it (0.2, 0.17, ...) instead of running 0.2, 0.1, 0.05."""
+    model = AutoModelForCausalLM.from_pretrained(student_path)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    scheduler = torch.optim.lr_scheduler.MultiplicativeLR(optimizer, lambda epoch: 0.5)
+    trainer = RecordingPGPOTrainer(
+        model=model, reward_funcs=[demo.task_reward], train_dataset=arithmetic_dataset, optimizers=(optimizer, scheduler),
+        args=cpu_config(PGPOConfig, tmp_path, distillation_topk=8, seed=0, max_steps=3, max_grad_norm=0.0),
+    )
+    trainer.step_size.multiplier = lambda information: 1.7  # pin m_k
+    trainer.train()
+    assert [scheduled for scheduled, _ in trainer.step_lrs] == pytest.approx([0.2, 0.1, 0.05])
+    assert [actual for _, actual in trainer.step_lrs] == pytest.approx([0.34, 0.17, 0.085])
+
+
 # ----- contexts ------------------------------------------------------------------------------------------------
 def test_teacher_prompts_show_a_successful_sibling_or_the_feedback(tmp_path, student_path, arithmetic_dataset):
     feedback = [f"expected {a}" if i % 2 else "" for i, a in enumerate(arithmetic_dataset["answer"])]
@@ -205,30 +222,55 @@ def test_initial_and_live_teachers(tmp_path, student_path, arithmetic_dataset):
     live = make(tmp_path / "live", student_path, arithmetic_dataset, max_steps=2, teacher_model_kind="live")
     live.train()
     assert live.self_teacher.copy is None and "self_teacher" not in live._stateful_components
+    with live.self_teacher.scoring(live.model) as scorer:  # the policy's current weights, without gradients
+        assert scorer is live.model and not torch.is_grad_enabled()
 
 
-def test_checkpoint_resume_restores_teacher_and_step_size(tmp_path, student_path, arithmetic_dataset):
+def test_a_full_copy_teacher_starts_from_the_student_in_memory(tmp_path, student_path, arithmetic_dataset):
+    """A model changed in memory (e.g. fine-tuned earlier in the same script, never saved) is where the teacher
+    starts, not the weights saved at its path; the 'initial' teacher then stays there."""
+    model = AutoModelForCausalLM.from_pretrained(student_path)
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight.add_(1e-3)
+    start = parameters(model)
+    trainer = make(tmp_path, model, arithmetic_dataset, max_steps=2, teacher_model_kind="initial",
+                   per_device_train_batch_size=32)  # 8 groups: some succeed, so the student learns
+    teacher = dict(trainer.self_teacher.copy.named_parameters())
+    assert teacher.keys() == start.keys() and not any(t.requires_grad for t in teacher.values())
+    assert all(torch.equal(teacher[n], start[n]) for n in start)
+    trainer.train()
+    assert all(torch.equal(teacher[n], start[n]) for n in start)
+    assert any(not torch.equal(p.detach(), start[n]) for n, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora-adapter-teacher", "full-copy-teacher"])
+def test_checkpoint_resume_restores_teacher_and_step_size(tmp_path, student_path, arithmetic_dataset, use_lora):
+    lora = LORA if use_lora else None
     full = make(tmp_path / "full", student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=3,
-                save_strategy="steps", save_steps=2, peft_config=LORA, information_estimator="agreement")
+                save_strategy="steps", save_steps=2, peft_config=lora, information_estimator="agreement")
     full.train()
     state = torch.load(tmp_path / "full" / "checkpoint-2" / "trl_ext_state.pt", weights_only=False)
     assert set(state) == {"self_teacher", "step_size"} and state["self_teacher"]["updates"] == 2
     assert state["step_size"]["steps"] >= 1 and state["step_size"]["running_mean"] is not None
 
     resumed = make(tmp_path / "resumed", student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=3,
-                   peft_config=LORA, information_estimator="agreement")
+                   peft_config=lora, information_estimator="agreement")
     restored = {}
     original_load = resumed._load_optimizer_and_scheduler
 
     def load_and_record(checkpoint):
         original_load(checkpoint)
-        restored["teacher"] = [t.detach().clone() for t, _ in resumed.self_teacher.adapter_pairs]
+        restored["teacher"] = [t.detach().clone() for t in resumed.self_teacher._teacher_tensors()]
         restored["step_size"] = resumed.step_size.state_dict()
 
     resumed._load_optimizer_and_scheduler = load_and_record
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert restored["step_size"] == state["step_size"]
+    assert len(restored["teacher"]) == len(state["self_teacher"]["weights"])
     assert all(torch.equal(t, s) for t, s in zip(restored["teacher"], state["self_teacher"]["weights"]))
+    initial = [t.detach() for t in make(tmp_path / "fresh", student_path, arithmetic_dataset, cls=PGPOTrainer,
+                                        max_steps=3, peft_config=lora).self_teacher._teacher_tensors()]
+    assert any(not torch.equal(t, t0) for t, t0 in zip(restored["teacher"], initial))  # an EMA that had moved
     assert resumed.self_teacher.updates == 3 and resumed.step_size.steps >= state["step_size"]["steps"]
 
 
@@ -242,10 +284,26 @@ def test_hybrid_loss_and_evaluation(tmp_path, student_path, arithmetic_dataset):
     assert {"pgpo/divergence", "entropy", "eval_loss"} <= logs  # TRL's policy-loss metrics are there too
 
 
-def test_off_policy_steps_use_clipped_importance_weights(tmp_path, student_path, arithmetic_dataset):
-    trainer = make(tmp_path, student_path, arithmetic_dataset, max_steps=2, num_iterations=2)
+def test_off_policy_steps_use_clipped_importance_weights(tmp_path, student_path, arithmetic_dataset, monkeypatch):
+    import trl_ext.pgpo.trainer as pgpo_trainer
+
+    seen = []
+
+    def recording(student_logps, old_logps, clip):
+        weights = clipped_importance_weights(student_logps, old_logps, clip)
+        seen.append((clip, weights))
+        return weights
+
+    monkeypatch.setattr(pgpo_trainer, "clipped_importance_weights", recording)
+    trainer = make(tmp_path, student_path, arithmetic_dataset, max_steps=2, num_iterations=2, learning_rate=1e-2,
+                   distillation_is_clip=1.01, per_device_train_batch_size=32)
     trainer.train()
     assert all(batch.get("old_per_token_logps") is not None for batch in trainer.micro_batches)
+    assert seen and all(clip == 1.01 and weights is not None for clip, weights in seen)
+    assert all((weights <= 1.01).all() for _, weights in seen)
+    # The rollout's second pass runs after an update: its weights are off 1, and the clip binds on some tokens.
+    assert any(((weights - 1).abs() > 1e-6).any() for _, weights in seen)
+    assert any((weights == 1.01).any() for _, weights in seen)
 
 
 @pytest.mark.parametrize(

@@ -112,8 +112,9 @@ class PGPOConfig(GRPOConfig):
     # ----- PGPO's step-size multiplier -----
     step_size_modulation: bool = field(
         default=True,
-        metadata={"help": "PGPO: multiply each optimizer step's learning rate by m_k = clip(I_k / running mean of "
-                  "I, min, max). False gives SDPO exactly (I_k is still logged)."},
+        metadata={"help": "PGPO: multiply each optimizer step's learning rate by m_k = clip((I_k / reference) ** "
+                  "multiplier_power, multiplier_min, multiplier_max), the reference set by information_reference. "
+                  "False gives SDPO exactly (I_k is still logged)."},
     )
     information_estimator: str = field(
         default="verified",
@@ -128,7 +129,7 @@ class PGPOConfig(GRPOConfig):
     multiplier_max: float = field(default=2.0, metadata={"help": "Upper bound m_max of the multiplier (ours)."})
     multiplier_power: float = field(
         default=2.0,
-        metadata={"help": "Sensitivity gamma: m_k = clip((I_k / running mean) ** gamma, min, max) (ours)."},
+        metadata={"help": "Sensitivity gamma: m_k = clip((I_k / reference) ** gamma, min, max) (ours)."},
     )
     information_reference: str = field(
         default="peak",

@@ -13,6 +13,7 @@ The EMA and initial teachers are trainer state: saved with each checkpoint, rest
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
@@ -40,11 +41,17 @@ class SelfTeacher:
         if _compat.is_peft_model(model):
             self._add_teacher_adapter(model)
         else:
-            # Loaded from the model's path rather than deep-copied, like GRPO's reference model: under ZeRO-3 the
-            # student's parameters are already sharded and a copy would hold empty shards.
-            copy = load_teacher(_compat.get_config_model_id(model.config), trainer.args.model_init_kwargs,
+            self.copy = prepare_teacher(self._initial_copy(trainer, model), trainer, temperature=trainer.temperature)
+
+    @staticmethod
+    def _initial_copy(trainer, model) -> torch.nn.Module:
+        """A frozen copy of the student as it is now (which may differ from its saved weights)."""
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            # ZeRO-3 has already sharded the student (a deep copy would hold empty shards): load it from its path,
+            # as TRL loads its reference model. In-memory changes to the student are not in that copy.
+            return load_teacher(_compat.get_config_model_id(model.config), trainer.args.model_init_kwargs,
                                 trainer.args, default_dtype=model.dtype)
-            self.copy = prepare_teacher(copy, trainer, temperature=trainer.temperature)
+        return load_teacher(copy.deepcopy(model), None, trainer.args)
 
     def _add_teacher_adapter(self, model) -> None:
         config = model.peft_config[model.active_adapter]
