@@ -174,6 +174,48 @@ def test_resume_after_a_reset_restores_reference_and_history(tmp_path, student_p
         assert torch.equal(p.detach(), q), name
 
 
+def test_resume_after_a_reset_with_lora_restores_the_reference_adapter(tmp_path, student_path, arithmetic_dataset):
+    def make(**overrides):
+        args = cpu_config(ProRLConfig, tmp_path, beta=0.1, ref_reset_steps=2, dynamic_sampling="none", **overrides)
+        return ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
+                            train_dataset=arithmetic_dataset, peft_config=LORA)
+
+    first = make(max_steps=2, save_strategy="steps", save_steps=2)
+    first.train()
+    reference = {n: p.detach().clone() for n, p in first.model.named_parameters() if ".ref." in n}
+    policy = {n.replace(".default.", ".ref."): p.detach().clone() for n, p in first.model.named_parameters()
+              if ".default." in n}
+    assert reference and equal(reference, policy)  # the reset at step 2 made the reference the step-2 policy
+
+    resumed = make(max_steps=3)
+    initial_reference = {n: p.detach().clone() for n, p in resumed.model.named_parameters() if ".ref." in n}
+    assert not equal(initial_reference, reference)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.reference_reset.history == first.reference_reset.history
+    assert train_logs(resumed)[-1]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert equal({n: p.detach() for n, p in resumed.model.named_parameters() if ".ref." in n}, reference)
+
+
+def test_another_trl_ext_trainer_can_use_the_callback(tmp_path, student_path, arithmetic_dataset):
+    """The reset is a callback for any trl_ext trainer with a KL term, not a ProRL feature: here DelightTrainer."""
+    from trl_ext import DelightConfig, DelightTrainer
+
+    trainer = DelightTrainer(model=student_path, reward_funcs=[alternating_reward],
+                             args=cpu_config(DelightConfig, tmp_path, max_steps=3, beta=0.1),
+                             train_dataset=arithmetic_dataset)
+    callback = ReferenceResetCallback(ResetSchedule(every_steps=2)).attach(trainer)
+    snapshot = SnapshotReference(trainer)
+    trainer.add_callback(snapshot)
+    trainer.train()
+    assert callback.history == [{"step": 2, "reason": "schedule", "requested_at": 2}]
+    ref1, policy1 = snapshot.snapshots[1]
+    ref2, policy2 = snapshot.snapshots[2]
+    assert not equal(ref1, policy1) and equal(ref2, policy2)
+    assert adam_steps(trainer) == {1}
+    kl = [entry["kl"] for entry in train_logs(trainer)]
+    assert kl[1] > 1e-4 and kl[2] == pytest.approx(0.0, abs=1e-7)
+
+
 def test_callback_checks_its_trainer(tmp_path, student_path, arithmetic_dataset):
     from trl import GRPOConfig, GRPOTrainer
 

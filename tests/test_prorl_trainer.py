@@ -75,6 +75,7 @@ def test_refill_yields_only_informative_groups_and_a_full_batch(tmp_path, studen
         rows = rollout["completion_ids"].size(0)
         assert rows == 8 and all(v.size(0) == rows for v in rollout.values() if isinstance(v, torch.Tensor) and v.dim())
         assert result.selection.keep == (True, True)  # the batch was filled
+        assert result.groups_surplus == sum(result.informative_per_round) - 2 >= 0  # informative, beyond the 2 slots
         answers = answers_of(trainer, rollout["prompt_ids"])
         assert all(a % 2 == 1 for a in answers), answers  # only informative (odd-answer) groups
         for g in range(0, rows, 4):  # whole groups: one prompt per block of num_generations rows
@@ -86,7 +87,7 @@ def test_refill_yields_only_informative_groups_and_a_full_batch(tmp_path, studen
     assert refills >= 1  # with 3 of 4 prompts uninformative, the first round never sufficed every time
     logs = trainer.state.log_history
     assert sum(entry["prorl/refill_rounds"] for entry in logs if "prorl/refill_rounds" in entry) == refills
-    for key in ("prorl/groups_dropped", "prorl/groups_masked", "prorl/informative_fraction", "prorl/entropy",
+    for key in ("prorl/groups_dropped", "prorl/groups_surplus", "prorl/groups_masked", "prorl/informative_fraction", "prorl/entropy",
                 "prorl/kl", "prorl/kl_share", "prorl/refill_seconds"):
         assert key in logs[0], key
 
@@ -102,6 +103,7 @@ def test_refill_stops_at_the_cap_and_masks_what_is_left(tmp_path, student_path, 
     assert rollout["completion_mask"].sum() == 0 and rollout["num_items_in_batch"].item() == 0
     logs = trainer.state.log_history[0]
     assert logs["prorl/refill_rounds"] == 2 and logs["prorl/groups_masked"] == 2 and logs["prorl/groups_dropped"] == 6
+    assert logs["prorl/groups_surplus"] == 0
     assert logs["prorl/entropy"] is None  # no loss token: no measurement rather than a misleading 0
     # An all-masked batch is a zero loss that still runs forward/backward: nothing moves, nothing crashes.
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
@@ -200,6 +202,13 @@ def test_defaults_follow_the_paper(tmp_path):
         ({"ref_reset_kl_share": 1.0}, "ref_reset_kl_share"),
         ({"ref_reset_kl_share": 0.5, "ref_reset_kl_patience": 0}, "ref_reset_kl_patience"),
         ({"ref_reset_metric": "eval_reward", "eval_strategy": "steps", "ref_reset_patience": 0}, "ref_reset_patience"),
+        # Tuning knobs of a feature that is off would be silently ignored.
+        ({"dynamic_sampling": "filter", "dynamic_sampling_max_rounds": 3}, "without dynamic_sampling='refill'"),
+        ({"ref_reset_steps": 10, "ref_reset_patience": 5}, "`ref_reset_patience=5` has no effect without ref_reset_metric"),
+        ({"ref_reset_greater_is_better": False}, "without ref_reset_metric"),
+        ({"ref_reset_min_delta": 0.1}, "without ref_reset_metric"),
+        ({"ref_reset_steps": 10, "ref_reset_kl_patience": 2}, "without ref_reset_kl_share"),
+        ({"ref_reset_optimizer": False}, "without a reset trigger"),
     ],
 )
 def test_bad_config_fails_at_construction(tmp_path, overrides, message):

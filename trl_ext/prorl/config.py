@@ -7,7 +7,7 @@ DAPO recipe); [I] our choice where the paper is silent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
@@ -185,6 +185,7 @@ class ProRLConfig(GRPOConfig):
                 "the per-token loss magnitude (0.5 = the KL term outweighs the policy term)."
             )
         schedule = self.reset_schedule()
+        self._check_no_setting_is_ignored(schedule.enabled)
         if schedule.enabled:
             if self.beta == 0.0:
                 raise ValueError(
@@ -201,6 +202,27 @@ class ProRLConfig(GRPOConfig):
                 raise ValueError(
                     f"`ref_reset_metric={self.ref_reset_metric!r}` needs evaluations, but eval_strategy='no'. Set "
                     "eval_strategy='steps' with eval_steps, and pass an eval_dataset to the trainer."
+                )
+
+    def _check_no_setting_is_ignored(self, reset_enabled: bool) -> None:
+        """A tuning knob moved off its default while the feature it tunes is off would silently do nothing."""
+        metric = self.ref_reset_metric is not None
+        applies = {
+            "dynamic_sampling_max_rounds": (self.dynamic_sampling == "refill", "dynamic_sampling='refill'"),
+            "ref_reset_patience": (metric, "ref_reset_metric"),
+            "ref_reset_greater_is_better": (metric, "ref_reset_metric"),
+            "ref_reset_min_delta": (metric, "ref_reset_metric"),
+            "ref_reset_kl_patience": (self.ref_reset_kl_share is not None, "ref_reset_kl_share"),
+            "ref_reset_optimizer": (reset_enabled, "a reset trigger (ref_reset_steps, ref_reset_metric or "
+                                                   "ref_reset_kl_share)"),
+        }
+        defaults = {f.name: f.default for f in fields(ProRLConfig)}
+        for name, (used, needs) in applies.items():
+            value = getattr(self, name)
+            if not used and value != defaults[name]:
+                raise ValueError(
+                    f"`{name}={value!r}` has no effect without {needs}. Set {needs} too, or leave `{name}` at its "
+                    f"default ({defaults[name]!r})."
                 )
 
     def reset_schedule(self) -> ResetSchedule:

@@ -61,6 +61,11 @@ class DynamicSamplingResult:
         slots = len(self.selection.keep)
         return self.rounds * slots - sum(self.informative_per_round)
 
+    @property
+    def groups_surplus(self) -> int:
+        """Informative groups generated beyond the free slots of the last round: generated, then not used."""
+        return sum(self.informative_per_round) - self.selection.kept
+
 
 class ProRLTrainer(ExtGRPOTrainer):
     """Drop-in replacement for `trl.GRPOTrainer` with the ProRL recipe.
@@ -184,6 +189,7 @@ class ProRLTrainer(ExtGRPOTrainer):
         slots = len(selection.keep)
         self.log_metric("refill_rounds", result.rounds - 1)
         self.log_metric("groups_dropped", result.groups_dropped)
+        self.log_metric("groups_surplus", result.groups_surplus)
         self.log_metric("groups_masked", selection.masked)
         self.log_metric("informative_fraction", result.informative_per_round[0] / slots)
         self.log_metric("refill_seconds", result.seconds_refilling)
