@@ -77,7 +77,8 @@ OPTIONAL_ROLLOUT_KEYS = (
 )
 # GRPOTrainer attributes (not methods) that trl_ext reads; the contract test checks they exist on a real trainer.
 TRAINER_ATTRIBUTES = ("_metrics", "_step", "_buffered_inputs", "num_iterations", "num_generations", "beta",
-                      "reward_weights", "multi_objective_aggregation", "eos_token_ids", "ref_model")
+                      "reward_weights", "multi_objective_aggregation", "eos_token_ids", "ref_model",
+                      "num_generations_eval", "temperature", "current_gradient_accumulation_steps")
 REFERENCE_ADAPTER = "ref"  # TRL's frozen reference adapter, selected by name in _generate_and_score_completions
 # Multimodal keys the model forward needs besides input ids and attention mask.
 MULTIMODAL_KEYS = (

@@ -3,8 +3,8 @@
 For two purifications (the RL selector, which samples its choices and measures the student's improvement one rollout
 later, and the classifier router, which trains an MLP online), each rank trains a few steps on its slice of every
 generation batch (groups span ranks) and writes to <out_dir>/<purification>-rank<k>.pt what it saw per rollout (its
-local teacher log-likelihoods, the gathered batch, the decided weights), its final router state and a parameter
-checksum.
+local teacher log-likelihoods, the gathered batch, its own decision and the broadcast weights), its final router
+state and a parameter checksum.
 """
 
 import copy
@@ -50,6 +50,7 @@ class RecordingTrainer(PurifiedDistillTrainer):
             "features": done.batch.features,
             "signal": done.batch.signal,
             "rewards": done.batch.rewards,
+            "decided_weights": done.decision.weights.clone(),  # this rank's own decision, before the broadcast
             "weights": done.weights,
             "advantages": out["advantages"].cpu(),
         })
