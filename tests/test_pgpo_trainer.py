@@ -48,22 +48,27 @@ def parameters(model):
 
 
 # ----- SDPO exactly ----------------------------------------------------------------------------------------------
-def sdpo_loss_by_hand(model, batch, topk, alpha):
-    """The official SDPO loss written out: top-k (+ tail) generalized JSD, token mean over tokens with a context."""
-    def log_probs(prompt_ids, prompt_mask):
+def sdpo_loss_by_hand(model, batch, topk, alpha, teacher_model=None):
+    """The official SDPO loss written out: top-k (+ tail) generalized JSD, token mean over tokens with a context.
+    The teacher reads its privileged prompt with `teacher_model` (default: the student's own weights)."""
+    def log_probs(net, prompt_ids, prompt_mask):
         ids = torch.cat([prompt_ids, batch["completion_ids"]], 1)
         mask = torch.cat([prompt_mask, batch["completion_mask"]], 1)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = net(input_ids=ids, attention_mask=mask).logits
         t = batch["completion_ids"].size(1)
         return logits[:, -t - 1:-1].float().log_softmax(-1)
 
-    student = log_probs(batch["prompt_ids"], batch["prompt_mask"])
+    student = log_probs(model, batch["prompt_ids"], batch["prompt_mask"])
     with torch.no_grad():
-        teacher = log_probs(batch[TEACHER_PROMPT_IDS], batch[TEACHER_PROMPT_MASK])
+        teacher = log_probs(teacher_model or model, batch[TEACHER_PROMPT_IDS], batch[TEACHER_PROMPT_MASK])
     idx = student.topk(topk, -1).indices
-    p, q = student.gather(-1, idx), teacher.gather(-1, idx)
-    p = torch.cat([p, torch.log1p(-p.exp().sum(-1, keepdim=True))], -1)
-    q = torch.cat([q, torch.log1p(-q.exp().sum(-1, keepdim=True))], -1)
+    in_top_k = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, idx, True)
+
+    def with_tail(log_probs):  # the k entries, then the log of the mass outside them (summed directly: stable)
+        tail = log_probs.masked_fill(in_top_k, float("-inf")).logsumexp(-1, keepdim=True)
+        return torch.cat([log_probs.gather(-1, idx), tail], -1)
+
+    p, q = with_tail(student), with_tail(teacher)
     m = torch.log((1 - alpha) * p.exp() + alpha * q.exp())
     divergence = (1 - alpha) * (p.exp() * (p - m)).sum(-1) + alpha * (q.exp() * (q - m)).sum(-1)
     mask = batch["completion_mask"] * batch[HAS_CONTEXT].unsqueeze(1)
@@ -83,6 +88,30 @@ def test_one_step_is_the_sdpo_update_by_hand(tmp_path, student_path, arithmetic_
     for name, param in model.named_parameters():
         expected = param.detach() - 0.5 * param.grad
         assert torch.allclose(trained[name].detach(), expected, atol=1e-6), name
+
+
+def test_two_steps_are_the_sdpo_updates_by_hand_with_the_ema_teacher(tmp_path, student_path, arithmetic_dataset):
+    """An independent SDPO over two steps: SGD on the hand-written loss, the teacher an EMA (rate 1/4) of the student."""
+    trainer = make(tmp_path, student_path, arithmetic_dataset, max_steps=2, optim="sgd", learning_rate=0.5,
+                   max_grad_norm=0.0, lr_scheduler_type="constant", step_size_modulation=False, distillation_topk=5,
+                   distillation_alpha=0.3, teacher_update_rate=0.25, per_device_train_batch_size=32)
+    trainer.train()
+    first, second = trainer.micro_batches
+    assert first[HAS_CONTEXT].sum() > 0 and second[HAS_CONTEXT].sum() > 0
+    student = AutoModelForCausalLM.from_pretrained(student_path)
+    teacher = AutoModelForCausalLM.from_pretrained(student_path)
+    for batch in (first, second):
+        student.zero_grad()
+        sdpo_loss_by_hand(student, batch, topk=5, alpha=0.3, teacher_model=teacher).backward()
+        with torch.no_grad():
+            for param, teacher_param in zip(student.parameters(), teacher.parameters()):
+                param -= 0.5 * param.grad
+                teacher_param.mul_(0.75).add_(param, alpha=0.25)
+    trained = dict(trainer.model.named_parameters())
+    ema = dict(trainer.self_teacher.copy.named_parameters())
+    for (name, param), teacher_param in zip(student.named_parameters(), teacher.parameters()):
+        assert torch.allclose(trained[name].detach(), param.detach(), atol=1e-5), name
+        assert torch.allclose(ema[name].detach(), teacher_param, atol=1e-5), name
 
 
 def test_multiplier_off_is_sdpo_exactly(tmp_path, student_path, arithmetic_dataset):

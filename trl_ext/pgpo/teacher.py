@@ -13,7 +13,6 @@ The EMA and initial teachers are trainer state: saved with each checkpoint, rest
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any
 
 import torch
@@ -47,11 +46,16 @@ class SelfTeacher:
     def _initial_copy(trainer, model) -> torch.nn.Module:
         """A frozen copy of the student as it is now (which may differ from its saved weights)."""
         if any(hasattr(p, "ds_id") for p in model.parameters()):
-            # ZeRO-3 has already sharded the student (a deep copy would hold empty shards): load it from its path,
+            # ZeRO-3 has already sharded the student (a copy would hold empty shards): load it from its path,
             # as TRL loads its reference model. In-memory changes to the student are not in that copy.
             return load_teacher(_compat.get_config_model_id(model.config), trainer.args.model_init_kwargs,
                                 trainer.args, default_dtype=model.dtype)
-        return load_teacher(copy.deepcopy(model), None, trainer.args)
+        # A fresh model with the student's weights, not a deep copy: TRL patches the student's `forward` (its fused
+        # LM head) with a closure over the student's original forward, which a deep copy would share.
+        with torch.random.fork_rng(devices=[]):  # its random initialisation must not move the training RNG
+            fresh = type(model)._from_config(model.config, dtype=model.dtype)
+        fresh.load_state_dict(model.state_dict())
+        return load_teacher(fresh, None, trainer.args)
 
     def _add_teacher_adapter(self, model) -> None:
         config = model.peft_config[model.active_adapter]
