@@ -33,7 +33,7 @@ GRPO's (means over seeds); the refill overhead is reported. Torch runs single-th
 on 2 shared cores, two threads per process oversubscribe the CPU and run ~10x slower for this tiny model.
 `--task arithmetic` is available but uninformative for pass@16: the student already reaches pass@16 ~ 1 there.
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py            # ~10-15 min
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py            # ~13 min (4 seeds)
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py --quick    # ~1 min smoke run
 
 Writes `<out-dir>/prorl.json` and `<out-dir>/prorl.png` (default out-dir: benchmarks/results).
@@ -91,11 +91,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="reversal", choices=["arithmetic", "reversal"])
+    p.add_argument("--length", type=int, default=None,
+                   help="reversal only: symbols per question (default: the demo task's 5); with --alphabet, a "
+                        "variant registered as reversal-h<L>m<M>")
+    p.add_argument("--alphabet", type=int, default=None, help="reversal only: alphabet size (default: the demo's 3)")
+    p.add_argument("--student-steps", type=int, default=None,
+                   help="SFT steps of the starting student on the task (default: the demo student, "
+                        "demo.student_path)")
     p.add_argument("--reward", default="success", choices=["success", "task"],
                    help="training reward: 'success' = exact answer (binary, default), 'task' = the task's own reward")
     p.add_argument("--samples", type=int, default=64 * 1400,
                    help="generated completions per run, refill included (default 89600 = 1400 GRPO steps of 64)")
-    p.add_argument("--seeds", type=str, default="2", help="number of seeds ('2' -> 0,1) or a list '0,5'")
+    p.add_argument("--seeds", type=str, default="4", help="number of seeds ('4' -> 0..3) or a list '0,5'")
     p.add_argument("--batch", type=int, default=64, help="completions per optimizer step (default 64 = 4 prompts x 16)")
     p.add_argument("--num-generations", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=3e-4)
@@ -123,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not set(args.method_list) <= set(METHODS):
         p.error(f"--methods must name a subset of {METHODS}")
     args.seed_list = parse_seeds(args.seeds)
+    if (args.length or args.alphabet) and args.task != "reversal":
+        p.error("--length/--alphabet apply to --task reversal only")
     if args.eval_n < max(K_VALUES):
         p.error(f"--eval-n must be >= {max(K_VALUES)} for pass@{max(K_VALUES)}")
     if args.batch % args.num_generations:
@@ -193,7 +202,29 @@ class Evaluator:
 
 
 def max_completion_length(task: str) -> int:
-    return 4 if task == "arithmetic" else 8  # longest answer + EOS, with a margin
+    return 4 if task == "arithmetic" else 8  # longest answer + EOS, with a margin (reversal: up to 7 symbols)
+
+
+def task_name(args) -> str:
+    """The demo task trained on; a reversal of another shape is registered under its own name."""
+    if args.task != "reversal" or not (args.length or args.alphabet):
+        return args.task
+    from trl_ext import demo
+
+    default = demo.get_task("reversal")
+    length, alphabet = args.length or default.length, args.alphabet or default.alphabet_size
+    if length + 1 > max_completion_length("reversal"):
+        raise SystemExit(f"--length {length} does not fit max_completion_length {max_completion_length('reversal')}")
+    return demo.register_task(demo.Reversal(name=f"reversal-h{length}m{alphabet}", length=length,
+                                            alphabet_size=alphabet)).name
+
+
+def student_path(args) -> str:
+    from trl_ext import demo
+
+    if args.student_steps is None:
+        return demo.student_path(args.task_name)
+    return demo.pretrained_model(demo.Pretraining(tasks=(args.task_name,), steps=args.student_steps, seed=1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -260,7 +291,7 @@ def run(method: str, seed: int, args, evaluator, initial: dict, log) -> dict:
     from trl_ext.prorl import ProRLConfig, ProRLTrainer
 
     counter = CountingReward(args.reward)
-    train = demo.get_task(args.task).dataset(max(4000, args.samples // args.num_generations), seed=1)
+    train = demo.get_task(args.task_name).dataset(max(4000, args.samples // args.num_generations), seed=1)
     common = dict(
         output_dir=tempfile.mkdtemp(prefix=f"prorl-bench-{method}-"),
         use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
@@ -272,11 +303,11 @@ def run(method: str, seed: int, args, evaluator, initial: dict, log) -> dict:
     )
     if method == "grpo":
         config = GRPOConfig(**common)  # epsilon=0.2 (symmetric), beta=0, temperature=1.0, loss_type="dapo"
-        trainer = GRPOTrainer(model=demo.student_path(args.task), reward_funcs=[counter], args=config,
+        trainer = GRPOTrainer(model=student_path(args), reward_funcs=[counter], args=config,
                               train_dataset=train)
     else:
         config = ProRLConfig(**{**common, "ref_reset_steps": args.reset_every, **args.prorl_overrides})
-        trainer = ProRLTrainer(model=demo.student_path(args.task), reward_funcs=[counter], args=config,
+        trainer = ProRLTrainer(model=student_path(args), reward_funcs=[counter], args=config,
                                train_dataset=train)
     record = {"evals": [dict(initial, step=0, samples=0)], "step_seconds": [], "samples_after_step": [],
               "refill_seconds": [], "generation_rounds": [], "groups_masked": [], "informative_fraction": []}
@@ -483,10 +514,9 @@ def main(argv=None) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from trl_ext import demo
-
-    student = demo.student_path(args.task)
-    evaluator = Evaluator(args.task, args)
+    args.task_name = task_name(args)
+    student = student_path(args)
+    evaluator = Evaluator(args.task_name, args)
     report = {
         "benchmark": "prorl",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
@@ -494,7 +524,7 @@ def main(argv=None) -> int:
         "environment": {**versions(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                         "platform": platform.platform(), "load_average_1min_at_start": os.getloadavg()[0]},
         "config": {
-            "task": args.task, "reward": args.reward, "samples": args.samples, "seeds": args.seed_list,
+            "task": args.task_name, "student_steps": args.student_steps, "reward": args.reward, "samples": args.samples, "seeds": args.seed_list,
             "batch": args.batch,
             "num_generations": args.num_generations, "learning_rate": args.learning_rate,
             "steps_per_generation": args.steps_per_generation,
