@@ -80,6 +80,17 @@ def cpu_config(config_cls, output_dir, **overrides):
 DISTRIBUTED_SCRIPTS = Path(__file__).parent / "distributed"
 
 
+def end_distributed_run() -> None:
+    """Called by tests/distributed/* scripts last: wait for both ranks, then shut the process group down cleanly. A
+    process that exits with gloo's threads still alive can abort ("terminate called without an active exception")
+    after its work is done, which fails the test for nothing."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def torchrun(script: str, *args: str, timeout: int = 300) -> None:
     """Run tests/distributed/<script> as two real processes (torchrun, gloo on CPU); fail with their output.
 

@@ -91,7 +91,8 @@ def test_one_step_is_the_sdpo_update_by_hand(tmp_path, student_path, arithmetic_
 
 
 def test_two_steps_are_the_sdpo_updates_by_hand_with_the_ema_teacher(tmp_path, student_path, arithmetic_dataset):
-    """An independent SDPO over two steps: SGD on the hand-written loss, the teacher an EMA (rate 1/4) of the student."""
+    """An independent SDPO over two steps: SGD on the hand-written loss, the teacher an EMA (rate 1/4) of the
+    student."""
     trainer = make(tmp_path, student_path, arithmetic_dataset, max_steps=2, optim="sgd", learning_rate=0.5,
                    max_grad_norm=0.0, lr_scheduler_type="constant", step_size_modulation=False, distillation_topk=5,
                    distillation_alpha=0.3, teacher_update_rate=0.25, per_device_train_batch_size=32)
@@ -167,7 +168,8 @@ def test_the_scheduled_rate_is_restored_for_a_scheduler_that_builds_on_it(tmp_pa
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     scheduler = torch.optim.lr_scheduler.MultiplicativeLR(optimizer, lambda epoch: 0.5)
     trainer = RecordingPGPOTrainer(
-        model=model, reward_funcs=[demo.task_reward], train_dataset=arithmetic_dataset, optimizers=(optimizer, scheduler),
+        model=model, reward_funcs=[demo.task_reward], train_dataset=arithmetic_dataset,
+        optimizers=(optimizer, scheduler),
         args=cpu_config(PGPOConfig, tmp_path, distillation_topk=8, seed=0, max_steps=3, max_grad_norm=0.0),
     )
     trainer.step_size.multiplier = lambda information: 1.7  # pin m_k

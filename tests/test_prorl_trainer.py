@@ -87,8 +87,8 @@ def test_refill_yields_only_informative_groups_and_a_full_batch(tmp_path, studen
     assert refills >= 1  # with 3 of 4 prompts uninformative, the first round never sufficed every time
     logs = trainer.state.log_history
     assert sum(entry["prorl/refill_rounds"] for entry in logs if "prorl/refill_rounds" in entry) == refills
-    for key in ("prorl/groups_dropped", "prorl/groups_surplus", "prorl/groups_masked", "prorl/informative_fraction", "prorl/entropy",
-                "prorl/kl", "prorl/kl_share", "prorl/refill_seconds"):
+    for key in ("prorl/groups_dropped", "prorl/groups_surplus", "prorl/groups_masked", "prorl/informative_fraction",
+                "prorl/entropy", "prorl/kl", "prorl/kl_share", "prorl/refill_seconds"):
         assert key in logs[0], key
 
 
@@ -204,7 +204,8 @@ def test_defaults_follow_the_paper(tmp_path):
         ({"ref_reset_metric": "eval_reward", "eval_strategy": "steps", "ref_reset_patience": 0}, "ref_reset_patience"),
         # Tuning knobs of a feature that is off would be silently ignored.
         ({"dynamic_sampling": "filter", "dynamic_sampling_max_rounds": 3}, "without dynamic_sampling='refill'"),
-        ({"ref_reset_steps": 10, "ref_reset_patience": 5}, "`ref_reset_patience=5` has no effect without ref_reset_metric"),
+        ({"ref_reset_steps": 10, "ref_reset_patience": 5},
+         "`ref_reset_patience=5` has no effect without ref_reset_metric"),
         ({"ref_reset_greater_is_better": False}, "without ref_reset_metric"),
         ({"ref_reset_min_delta": 0.1}, "without ref_reset_metric"),
         ({"ref_reset_steps": 10, "ref_reset_kl_patience": 2}, "without ref_reset_kl_share"),

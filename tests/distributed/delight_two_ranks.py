@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from conftest import cpu_config  # tests/ is on PYTHONPATH (see tests/test_distributed.py)
+from conftest import cpu_config, end_distributed_run  # tests/ is on PYTHONPATH (see tests/test_distributed.py)
 from trl_ext import DelightConfig, DelightTrainer, demo
 
 out_dir = sys.argv[1]
@@ -52,3 +52,4 @@ torch.save(
     },
     os.path.join(out_dir, f"rank{rank}.pt"),
 )
+end_distributed_run()

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from conftest import cpu_config  # tests/ is on PYTHONPATH (see tests/test_distributed.py)
+from conftest import cpu_config, end_distributed_run  # tests/ is on PYTHONPATH (see tests/test_distributed.py)
 from trl_ext import GNDPOConfig, GNDPOTrainer, demo
 
 out_dir = sys.argv[1]
@@ -61,3 +61,4 @@ torch.save(
     },
     os.path.join(out_dir, f"rank{rank}.pt"),
 )
+end_distributed_run()

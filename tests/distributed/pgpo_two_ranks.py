@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from conftest import cpu_config  # tests/ is on PYTHONPATH (see conftest.torchrun)
+from conftest import cpu_config, end_distributed_run  # tests/ is on PYTHONPATH (see conftest.torchrun)
 from trl_ext import PGPOConfig, PGPOTrainer, demo
 
 out_dir, estimator = sys.argv[1], sys.argv[2]
@@ -55,3 +55,4 @@ torch.save(
     },
     os.path.join(out_dir, f"rank{rank}.pt"),
 )
+end_distributed_run()

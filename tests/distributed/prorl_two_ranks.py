@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from conftest import cpu_config  # tests/ is on PYTHONPATH (see tests/test_prorl_distributed.py)
+from conftest import cpu_config, end_distributed_run  # tests/ is on PYTHONPATH (see tests/test_prorl_distributed.py)
 from trl_ext import demo
 from trl_ext.prorl import ProRLConfig, ProRLTrainer
 
@@ -84,3 +84,4 @@ torch.save(
     },
     os.path.join(out_dir, f"rank{rank}.pt"),
 )
+end_distributed_run()

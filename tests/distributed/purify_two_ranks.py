@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from conftest import cpu_config  # tests/ is on PYTHONPATH (see tests/test_purify_distributed.py)
+from conftest import cpu_config, end_distributed_run  # tests/ is on PYTHONPATH (see tests/test_purify_distributed.py)
 from trl_ext import demo
 from trl_ext.purify import PurifiedDistillConfig, PurifiedDistillTrainer
 from trl_ext.purify.signal import sequence_logps
@@ -83,3 +83,4 @@ for purification in ("rl_selection", "classifier_router"):
         },
         os.path.join(out_dir, f"{purification}-rank{rank}.pt"),
     )
+end_distributed_run()
