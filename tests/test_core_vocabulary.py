@@ -42,38 +42,38 @@ def test_same_size_but_another_tokenizer_is_refused(tmp_path, tokenizer):
     b_id = tokenizer.get_vocab()["b"]
     with pytest.raises(ValueError, match=rf"The teacher X uses another tokenizer .* 2 tokens .*'a' is id {a_id} for "
                                          rf"the student and {b_id} for the teacher"):
-        check_teacher_vocabulary(student, teacher, teacher_name="teacher X")
+        check_teacher_vocabulary(student, {"teacher X": teacher})
 
 
 def test_the_trainers_processing_class_is_what_is_compared(tmp_path, tokenizer):
     teacher = save_model(tmp_path / "teacher", len(tokenizer), tokenizer)
     student = save_model(tmp_path / "student", len(tokenizer), tokenizer)
-    check_teacher_vocabulary(student, teacher)  # the saved tokenizers agree
+    check_teacher_vocabulary(student, {"teacher": teacher})  # the saved tokenizers agree
     with pytest.raises(ValueError, match="another tokenizer"):
-        check_teacher_vocabulary(student, teacher, student_tokenizer=swapped_tokenizer(tmp_path, "x", "y"))
+        check_teacher_vocabulary(student, {"teacher": teacher}, student_tokenizer=swapped_tokenizer(tmp_path, "x", "y"))
 
 
 def test_a_padded_teacher_embedding_is_accepted_a_smaller_one_is_not(tmp_path, tokenizer):
     student = save_model(tmp_path / "student", len(tokenizer), tokenizer)
     padded = save_model(tmp_path / "padded", len(tokenizer) + 8, tokenizer)
-    check_teacher_vocabulary(student, padded)  # same tokenizer, more rows: every student id has a row
+    check_teacher_vocabulary(student, {"teacher": padded})  # same tokenizer, more rows: every student id has a row
     with pytest.raises(ValueError, match=rf"its output embedding has {len(tokenizer)} rows and the student's has "
                                          rf"{len(tokenizer) + 8}"):
-        check_teacher_vocabulary(padded, student, teacher_name="teacher")
+        check_teacher_vocabulary(padded, {"teacher": student})
 
 
 def test_without_tokenizers_only_equal_sizes_pass(tmp_path, tokenizer):
     student = save_model(tmp_path / "student", len(tokenizer))
     same_size = save_model(tmp_path / "same", len(tokenizer))
     other_size = save_model(tmp_path / "other", len(tokenizer) + 8)
-    check_teacher_vocabulary(student, same_size)
+    check_teacher_vocabulary(student, {"teacher": same_size})
     with pytest.raises(ValueError, match=rf"vocabulary of {len(tokenizer) + 8} tokens but the student has "
                                          rf"{len(tokenizer)}"):
-        check_teacher_vocabulary(student, other_size, teacher_name="teacher")
+        check_teacher_vocabulary(student, {"teacher": other_size})
 
 
 def test_an_instantiated_model_is_checked_through_the_path_it_came_from(tmp_path, tokenizer):
     student = save_model(tmp_path / "student", len(tokenizer), tokenizer)
     teacher_path = save_model(tmp_path / "teacher", len(tokenizer), swapped_tokenizer(tmp_path, "1", "2"))
     with pytest.raises(ValueError, match="another tokenizer"):
-        check_teacher_vocabulary(student, LlamaForCausalLM.from_pretrained(teacher_path))
+        check_teacher_vocabulary(student, {"teacher": LlamaForCausalLM.from_pretrained(teacher_path)})

@@ -49,43 +49,45 @@ def load_vocabulary(model_or_path: str | PreTrainedModel, trust_remote_code: boo
 
 def check_teacher_vocabulary(
     student: str | PreTrainedModel,
-    teacher: str | PreTrainedModel,
-    teacher_name: str = "teacher",
+    teachers: dict[str, str | PreTrainedModel],
     trust_remote_code: bool = False,
     student_tokenizer=None,
 ) -> None:
-    """Raise a ValueError naming the teacher unless it can score the student's sampled token ids.
+    """Raise a ValueError naming the first teacher (`teachers`: display name -> teacher) that cannot score the
+    student's sampled token ids.
 
     `student_tokenizer` is the trainer's `processing_class` when the user passed one (it is what the student samples
-    with); otherwise the tokenizer saved with the student is loaded.
+    with); otherwise the tokenizer saved with the student is loaded (once, for all teachers).
     """
     student_size = vocab_size_of(student, trust_remote_code)
-    teacher_size = vocab_size_of(teacher, trust_remote_code)
     student_vocab = (tokenizer_vocabulary(student_tokenizer) if student_tokenizer is not None
                      else load_vocabulary(student, trust_remote_code))
-    teacher_vocab = load_vocabulary(teacher, trust_remote_code)
-    if student_vocab is None or teacher_vocab is None:
-        if student_size != teacher_size:
+    for teacher_name, teacher in teachers.items():
+        teacher_size = vocab_size_of(teacher, trust_remote_code)
+        teacher_vocab = load_vocabulary(teacher, trust_remote_code)
+        if student_vocab is None or teacher_vocab is None:
+            if student_size != teacher_size:
+                raise ValueError(
+                    f"The {teacher_name} has a vocabulary of {teacher_size} tokens but the student has {student_size}. "
+                    "Token-level distillation scores the student's sampled token ids under the teacher, so both must "
+                    "use the same tokenizer and vocabulary size. Choose a teacher from the student's model family (or "
+                    "resize the embeddings so both match)."
+                )
+            continue
+        if student_vocab != teacher_vocab:
+            differing = sorted(t for t in student_vocab.keys() | teacher_vocab.keys()
+                               if student_vocab.get(t) != teacher_vocab.get(t))
+            example = differing[0]
             raise ValueError(
-                f"The {teacher_name} has a vocabulary of {teacher_size} tokens but the student has {student_size}. "
-                "Token-level distillation scores the student's sampled token ids under the teacher, so both must use "
-                "the same tokenizer and vocabulary size. Choose a teacher from the student's model family (or resize "
-                "the embeddings so both match)."
+                f"The {teacher_name} uses another tokenizer than the student: {len(differing)} tokens have different "
+                f"ids (e.g. {example!r} is id {student_vocab.get(example)} for the student and "
+                f"{teacher_vocab.get(example)} for the teacher; None = absent). Token-level distillation scores the "
+                "student's sampled token ids under the teacher, so both must share one tokenizer. Choose a teacher "
+                "from the student's model family."
             )
-        return
-    if student_vocab != teacher_vocab:
-        differing = sorted(t for t in student_vocab.keys() | teacher_vocab.keys()
-                           if student_vocab.get(t) != teacher_vocab.get(t))
-        example = differing[0]
-        raise ValueError(
-            f"The {teacher_name} uses another tokenizer than the student: {len(differing)} tokens have different ids "
-            f"(e.g. {example!r} is id {student_vocab.get(example)} for the student and {teacher_vocab.get(example)} "
-            "for the teacher; None = absent). Token-level distillation scores the student's sampled token ids under "
-            "the teacher, so both must share one tokenizer. Choose a teacher from the student's model family."
-        )
-    if teacher_size < student_size:
-        raise ValueError(
-            f"The {teacher_name} shares the student's tokenizer, but its output embedding has {teacher_size} rows and "
-            f"the student's has {student_size}: the student could sample ids the teacher has no row for. Use a "
-            f"teacher with at least {student_size} rows (e.g. teacher.resize_token_embeddings({student_size}))."
-        )
+        if teacher_size < student_size:
+            raise ValueError(
+                f"The {teacher_name} shares the student's tokenizer, but its output embedding has {teacher_size} rows "
+                f"and the student's has {student_size}: the student could sample ids the teacher has no row for. Use "
+                f"a teacher with at least {student_size} rows (e.g. teacher.resize_token_embeddings({student_size}))."
+            )

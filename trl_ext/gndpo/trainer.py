@@ -77,7 +77,7 @@ class GNDPOTrainer(ExtGRPOTrainer):
                 "`teacher_model_name_or_path` in GNDPOConfig."
             )
         # Checked from the configs and tokenizers, before any weights are loaded.
-        check_teacher_vocabulary(model, teacher, teacher_name=f"teacher {teacher_display_name(teacher)!r}",
+        check_teacher_vocabulary(model, {f"teacher {teacher_display_name(teacher)!r}": teacher},
                                  trust_remote_code=args.trust_remote_code, student_tokenizer=processing_class)
         if reward_funcs is None and environment_factory is None:
             reward_funcs = [zero_reward]  # GRPOTrainer needs a reward source; GNDPO's advantage needs none.

@@ -123,10 +123,10 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
             )
         teachers = self._teacher_list(teacher_models, args)
         # Checked from the configs and tokenizers, before any weights are loaded.
-        for index, teacher in enumerate(teachers):
-            name = f"teacher {index} ({teacher_display_name(teacher)!r})"
-            check_teacher_vocabulary(model, teacher, teacher_name=name, trust_remote_code=args.trust_remote_code,
-                                     student_tokenizer=processing_class)
+        named = {f"teacher {index} ({teacher_display_name(teacher)!r})": teacher
+                 for index, teacher in enumerate(teachers)}
+        check_teacher_vocabulary(model, named, trust_remote_code=args.trust_remote_code,
+                                 student_tokenizer=processing_class)
         has_reward = reward_funcs is not None or environment_factory is not None
         if args.purification in NEEDS_REWARD and not has_reward:
             raise ValueError(
