@@ -407,19 +407,16 @@ def run_timing(w, args, log) -> dict:
     """Per-step CPU time (one thread: process time is the work done, robust to other processes on a shared
     machine), conditions interleaved over `--timing-repeats` rounds, router memories full (steady state)."""
     conditions = ["single/arithmetic_expert", *PURIFICATIONS]
-    pooled = {c: {"cpu": [], "wall": [], "purification_cpu": [], "extra_forward_cpu": [], "teacher_forward_cpu": []}
-              for c in conditions}
     runs = {c: [] for c in conditions}
     for repeat in range(args.timing_repeats):
         for condition in (conditions if repeat % 2 == 0 else conditions[::-1]):
             run = timing_run(condition, w, args)
             runs[condition].append(run)
-            for key, values in run.items():
-                if key in pooled[condition]:
-                    pooled[condition][key].extend(values)
             log(f"  timing #{repeat} {condition:28s} {1e3 * np.median(run['cpu']):.1f} ms CPU/step "
                 f"({1e3 * np.median(run['wall']):.1f} ms wall)")
             gc.collect()
+    measures = ("cpu", "wall", "purification_cpu", "extra_forward_cpu", "teacher_forward_cpu")
+    pooled = {c: {key: [x for run in runs[c] for x in run[key]] for key in measures} for c in conditions}
     teacher_forward = float(np.median([t for c in conditions for t in pooled[c]["teacher_forward_cpu"]]))
     step = {c: float(np.median(pooled[c]["cpu"])) for c in conditions}
     base = step["single/arithmetic_expert"]
