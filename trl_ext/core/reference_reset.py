@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 from .. import _compat
 from .reset_triggers import ResetSchedule, ResetTriggers
+from .teachers import is_zero3
 
 POLICY_ADAPTER, REFERENCE_ADAPTER = "default", "ref"
 
@@ -145,7 +146,7 @@ class ReferenceResetCallback(TrainerCallback):
                 "sync_ref_model=True already moves the reference (TRL's soft sync, without optimizer reset); use it or "
                 "the reference reset, not both."
             )
-        if getattr(trainer, "is_fsdp_enabled", False) or _zero_stage(trainer) == 3:
+        if getattr(trainer, "is_fsdp_enabled", False) or is_zero3(trainer):
             raise NotImplementedError(
                 "The reference reset does not support sharded models yet (DeepSpeed ZeRO-3 or FSDP): the copy and "
                 "the checkpointed reference need gathered parameters. Use DDP or ZeRO-1/2."
@@ -266,11 +267,6 @@ class ReferenceResetCallback(TrainerCallback):
         """Count and steps of the resets so far (for logs and model cards)."""
         return {"count": self.count, "steps": [h["step"] for h in self.history],
                 "reasons": [h["reason"] for h in self.history]}
-
-
-def _zero_stage(trainer) -> int | None:
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    return None if plugin is None else plugin.zero_stage
 
 
 def _at_rollout_boundary(trainer) -> bool:

@@ -15,6 +15,12 @@ from transformers import PreTrainedModel
 from .. import _compat
 
 
+def is_zero3(trainer) -> bool:
+    """Whether DeepSpeed ZeRO-3 shards the trainer's models (a copy of one would then hold only empty shards)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
 def teacher_display_name(teacher: str | PreTrainedModel) -> str:
     if isinstance(teacher, str):
         return teacher

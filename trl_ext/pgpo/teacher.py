@@ -19,6 +19,7 @@ import torch
 
 from .. import _compat
 from ..core import load_teacher, prepare_teacher
+from ..core.teachers import is_zero3
 
 TEACHER_KINDS = ("ema", "initial", "live")
 TEACHER_ADAPTER = "teacher"
@@ -45,9 +46,9 @@ class SelfTeacher:
     @staticmethod
     def _initial_copy(trainer, model) -> torch.nn.Module:
         """A frozen copy of the student as it is now (which may differ from its saved weights)."""
-        if any(hasattr(p, "ds_id") for p in model.parameters()):
-            # ZeRO-3 has already sharded the student (a copy would hold empty shards): load it from its path,
-            # as TRL loads its reference model. In-memory changes to the student are not in that copy.
+        if is_zero3(trainer):
+            # The student is sharded: load it from its path, as TRL loads its reference model. In-memory changes to
+            # the student are not in that copy.
             return load_teacher(_compat.get_config_model_id(model.config), trainer.args.model_init_kwargs,
                                 trainer.args, default_dtype=model.dtype)
         # A fresh model with the student's weights, not a deep copy: TRL patches the student's `forward` (its fused

@@ -179,12 +179,13 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
                 f"{type(teacher_models).__name__}. Wrap it in a list: teacher_models=[teacher]."
             )
         configured = list(args.teacher_model_names_or_paths or [])
-        if teacher_models is not None and configured and list(teacher_models) != configured:
+        given = list(teacher_models) if teacher_models is not None else None
+        if given is not None and configured and given != configured:
             raise ValueError(
-                f"The teachers are given twice and differ: `teacher_models` has {len(list(teacher_models))} and "
+                f"The teachers are given twice and differ: `teacher_models` has {len(given)} teachers and "
                 f"`teacher_model_names_or_paths` in the config is {configured!r}. Give them in one place only."
             )
-        teachers = list(teacher_models) if teacher_models is not None else configured
+        teachers = given if given is not None else configured
         if not teachers:
             raise ValueError(
                 "PurifiedDistillTrainer needs at least one teacher, got an empty teacher list: pass "
