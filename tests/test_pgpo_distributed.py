@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import torchrun
-from trl_ext.pgpo.information import mutual_information, uncertainty_coefficient
+from trl_ext.pgpo.information import mutual_information, verified_information
 from trl_ext.pgpo.trainer import CORRECTION, JOINT, TOKENS, VERIFIED
 
 
@@ -14,7 +14,7 @@ def information_of(stats, estimator, buckets):
     if estimator == "correction":
         return (stats[CORRECTION] / stats[TOKENS]).item()
     if estimator == "verified":
-        value = uncertainty_coefficient(stats[VERIFIED].view(2, 2))
+        value = verified_information(stats[VERIFIED].view(2, 2))
         return None if value is None else value.item()
     side = math.isqrt(stats.numel() - JOINT)  # min(agreement_buckets, vocabulary) + the tail bucket
     return mutual_information(stats[JOINT:].view(side, side)).item()

@@ -13,6 +13,7 @@ from trl_ext.pgpo.information import (
     mutual_information,
     top1_agreement,
     uncertainty_coefficient,
+    verified_information,
     verified_joint,
 )
 from trl_ext.pgpo.step_size import StepSizeController, step_size_multiplier, update_running_mean
@@ -212,6 +213,17 @@ def test_verified_joint_and_uncertainty_coefficient_by_hand():
     expected = sum(p[a, b] * math.log(p[a, b] / 0.25) for a in range(2) for b in range(2)) / math.log(2)
     assert uncertainty_coefficient(torch.tensor([[3.0, 1.0], [1.0, 3.0]])).item() == pytest.approx(float(expected))
     assert uncertainty_coefficient(torch.tensor([[0.0, 0.0], [3.0, 1.0]])) is None  # every completion succeeded
+
+
+def test_verified_information_counts_only_corrections_towards_success():
+    right = torch.tensor([[3.0, 1.0], [1.0, 3.0]])  # raises 3 of 4 successes, 1 of 4 failures
+    wrong = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # the mirror image: raises the failures (misleading feedback)
+    # Mutual information cannot tell them apart; the verified information can.
+    assert uncertainty_coefficient(wrong).item() == pytest.approx(uncertainty_coefficient(right).item())
+    assert verified_information(right).item() == pytest.approx(uncertainty_coefficient(right).item())
+    assert verified_information(wrong).item() == 0.0
+    assert verified_information(torch.tensor([[1.0, 1.0], [2.0, 2.0]])).item() == 0.0  # independent: no direction
+    assert verified_information(torch.tensor([[0.0, 0.0], [3.0, 1.0]])) is None  # every completion succeeded
 
 
 # ----- step size -----------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ of an optimizer step add up before I_k is formed.
 - "verified": the mutual information between the direction of the teacher's correction of each completion (does the
   teacher raise or lower its log-likelihood relative to the student?) and the verifier's verdict (did it succeed?),
   from the 2 x 2 counts of the step's completions with a teacher context, as a share of the verdict's entropy
-  (I(S; C) / H(S) in [0, 1], so that it does not fall just because most completions succeed). A teacher whose corrections track the
+  (I(S; C) / H(S) in [0, 1], so that it does not fall just because most completions succeed), and 0 when the
+  corrections point away from success (the teacher raises failures more often than successes: mutual information
+  alone would count a consistently wrong teacher as fully informative). A teacher whose corrections track the
   reward is informative; one that has lost its privileged-context skill, or follows misleading feedback, is not.
   This one goes beyond the abstract's wording (it uses the rewards), and is entirely ours.
 """
@@ -100,3 +102,20 @@ def uncertainty_coefficient(joint: torch.Tensor) -> torch.Tensor | None:
     if entropy <= 0:
         return None
     return mutual_information(joint) / entropy
+
+
+def verified_information(joint: torch.Tensor) -> torch.Tensor | None:
+    """The "verified" I_k of a `verified_joint`: its uncertainty coefficient when the teacher raises the successes
+    more often than the failures, else 0; None when every completion succeeded or every one failed.
+
+    Mutual information is blind to the direction of a dependence: a teacher that copies a wrong answer from misleading
+    feedback raises the failures and lowers the successes just as consistently as a right teacher does the opposite,
+    and its corrections "predict" the verdict as well. For a step size only corrections that point towards success
+    count, so a teacher pointing away from it gets no information (the smallest step).
+    """
+    coefficient = uncertainty_coefficient(joint)
+    if coefficient is None:
+        return None
+    joint = joint.double()
+    raises_failures, raises_successes = (joint[:, 1] / joint.sum(1).clamp(min=1e-300)).tolist()
+    return coefficient if raises_successes > raises_failures else torch.zeros_like(coefficient)

@@ -31,7 +31,7 @@ from .information import (
     correction_information,
     mutual_information,
     top1_agreement,
-    uncertainty_coefficient,
+    verified_information,
     verified_joint,
 )
 from .sparse_log_probs import gathered_log_probs, log_normalizer
@@ -288,7 +288,7 @@ class PGPOTrainer(ExtGRPOTrainer):
         tokens = total[TOKENS].item()
         information = None
         if tokens > 0:
-            verified = uncertainty_coefficient(total[VERIFIED].view(2, 2))
+            verified = verified_information(total[VERIFIED].view(2, 2))
             verified = None if verified is None else verified.item()
             if self.args.information_estimator == "agreement":
                 side = math.isqrt(total.numel() - JOINT)
