@@ -258,3 +258,17 @@ def test_peak_reference_keeps_shrinking_steps_while_information_drains():
     assert peak.state_dict()["peak_mean"] == 1.0
     with pytest.raises(ValueError, match="reference"):
         StepSizeController(0.1, 2.0, beta=0.5, reference="initial")
+
+
+def test_ratchet_keeps_drained_information_from_raising_the_step_again():
+    information = [1.0, 0.4, 1.0, 1.4, 1.125]
+    free = StepSizeController(0.01, 2.0, beta=0.5, reference="peak")
+    ratchet = StepSizeController(0.01, 2.0, beta=0.5, reference="peak", ratchet=True)
+    assert [free.multiplier(i) for i in information] == pytest.approx([1.0, 0.4, 1.0, 1.4, 1.0])
+    # By hand: the running mean goes 1.0 (the peak), 0.7 (the trough), 0.85, then 1.125, a new peak, which lifts
+    # the cap; until then m_k <= 0.7 / 1.0, although I_k came back to 1.0 and 1.4.
+    assert [ratchet.multiplier(i) for i in information[:4]] == pytest.approx([1.0, 0.4, 0.7, 0.7])
+    assert ratchet.state_dict()["trough_mean"] == ratchet.state_dict()["peak_mean"] == pytest.approx(1.125)
+    restored = StepSizeController(0.01, 2.0, beta=0.5, reference="peak", ratchet=True)
+    restored.load_state_dict(ratchet.state_dict())
+    assert restored.multiplier(information[4]) == ratchet.multiplier(information[4]) == pytest.approx(1.0)

@@ -3,6 +3,9 @@
     m_k = clip( (I_k / mean_{j<k} I_j) ** gamma , m_min, m_max )   (the running mean is an EMA with rate `1 - beta`)
     lr_k = m_k * lr_k(schedule)                                  for step k only
 
+(or relative to the peak of the running mean, and with the ratchet never above the multiplier of the running mean's
+lowest value since that peak: see StepSizeController).
+
 The form, the bounds and the EMA are our reading of the paper (research/papers.md §3.3, [I]): bounded so the
 rescaled step stays a smooth bounded rescaling of SGD's (the paper's order-1 weak-approximation claim), relative to
 a running mean so the learning rate keeps its meaning, with a sensitivity `gamma` because a step's information moves
@@ -39,17 +42,21 @@ class StepSizeController:
 
     The reference I_k is compared with is the running mean ("running": steps are large or small relative to recent
     ones) or the highest value the running mean has reached ("peak": steps shrink while the teacher's information
-    drains away, e.g. when the self-teacher loses the skill of reading its privileged context).
+    drains away, e.g. when the self-teacher loses the skill of reading its privileged context). With `ratchet`, m_k
+    is also capped by the multiplier of the lowest running mean since the peak, so information that drained away
+    does not raise the step again until the running mean sets a new peak: when a student collapses, it fails so
+    often that even a teacher that has lost its skill "predicts" the verdicts by lowering everything.
     """
 
     def __init__(self, low: float, high: float, beta: float, power: float = 1.0, reference: str = "running",
-                 enabled: bool = True):
+                 enabled: bool = True, ratchet: bool = False):
         if reference not in REFERENCES:
             raise ValueError(f"Unknown reference {reference!r}; choose one of {REFERENCES}.")
         self.low, self.high, self.beta, self.power, self.enabled = low, high, beta, power, enabled
-        self.reference = reference
+        self.reference, self.ratchet = reference, ratchet
         self.running_mean: float | None = None
         self.peak_mean: float | None = None
+        self.trough_mean: float | None = None  # the lowest running mean since the peak (for the ratchet)
         self.steps = 0
 
     def multiplier(self, information: float | None) -> float:
@@ -61,13 +68,20 @@ class StepSizeController:
             return 1.0
         reference = self.peak_mean if self.reference == "peak" else self.running_mean
         m = step_size_multiplier(information, reference, self.low, self.high, self.power)
+        if self.ratchet and self.trough_mean is not None:
+            m = min(m, step_size_multiplier(self.trough_mean, self.peak_mean, self.low, self.high, self.power))
         self.running_mean = update_running_mean(self.running_mean, information, self.beta)
-        self.peak_mean = self.running_mean if self.peak_mean is None else max(self.peak_mean, self.running_mean)
+        if self.peak_mean is None or self.running_mean >= self.peak_mean:
+            self.peak_mean = self.trough_mean = self.running_mean
+        else:
+            self.trough_mean = min(self.trough_mean, self.running_mean)
         self.steps += 1
         return m if self.enabled else 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"running_mean": self.running_mean, "peak_mean": self.peak_mean, "steps": self.steps}
+        return {"running_mean": self.running_mean, "peak_mean": self.peak_mean, "trough_mean": self.trough_mean,
+                "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.running_mean, self.peak_mean, self.steps = state["running_mean"], state["peak_mean"], state["steps"]
+        self.trough_mean = state["trough_mean"]

@@ -134,7 +134,7 @@ class PGPOTrainer(ExtGRPOTrainer):
             self.register_state("self_teacher", self.self_teacher)
         self.step_size = StepSizeController(args.multiplier_min, args.multiplier_max, args.information_ema,
                                             power=args.multiplier_power, reference=args.information_reference,
-                                            enabled=args.step_size_modulation)
+                                            enabled=args.step_size_modulation, ratchet=args.multiplier_ratchet)
         self.register_state("step_size", self.step_size)
         self._step_statistics: torch.Tensor | None = None
         self._scheduled_learning_rates: list[float] | None = None
