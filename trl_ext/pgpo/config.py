@@ -121,15 +121,14 @@ class PGPOConfig(GRPOConfig):
         metadata={"help": "Estimate of I_k between the student's predictions and the feedback-conditioned teacher: "
                   "'verified' (how much the direction of the teacher's corrections tells about the verifier's "
                   "verdict, I(S; C) / H(S), and 0 when they point away from success; our default, chosen with "
-                  "benchmarks/pgpo_benchmark.py), 'agreement' "
-                  "(mutual information of their next-token joint across positions) or 'correction' (mean "
-                  "KL(teacher || student)).",
+                  "benchmarks/pgpo_benchmark.py), 'agreement' (mutual information of their next-token joint across "
+                  "positions) or 'correction' (mean KL(teacher || student)).",
                   "choices": list(ESTIMATORS)},
     )
     multiplier_min: float = field(
         default=0.02,
-        metadata={"help": "Lower bound m_min of the multiplier (ours). Low enough that the step keeps shrinking once the "
-                  "teacher's information has drained to ~10% of its peak: at 0.1 the steps that remained still "
+        metadata={"help": "Lower bound m_min of the multiplier (ours). Low enough that the step keeps shrinking once "
+                  "the teacher's information has drained to ~10% of its peak: at 0.1 the steps that remained still "
                   "collapsed the student at the benchmark's larger learning rate."},
     )
     multiplier_max: float = field(default=2.0, metadata={"help": "Upper bound m_max of the multiplier (ours)."})

@@ -2,10 +2,11 @@
 
 Paper [S]: a large LLM (GPT-4) reads all teachers' rationales and writes one consolidated rationale; no training;
 the least reliable of the five at resolving conflicts: its conflict-mitigation value is negative for every student
-size, and for the smallest student it is below the naive multi-teacher baseline (42.01 vs 42.38 average accuracy). In TinyLLM's pipeline the teachers see the gold answer when
-they write their rationales. Online [I]: the consolidated teacher is the weighted geometric mean of ALL teachers,
-log pi*(y) = sum_k w_k log pi_k(y), with w = softmax(evidence / aggregation_temperature) over the prompt's own
-teachers' outputs, like the paper's aggregator, which reads every teacher on this question:
+size, and for the smallest student it is below the naive multi-teacher baseline (42.01 vs 42.38 average accuracy).
+In TinyLLM's pipeline the teachers see the gold answer when they write their rationales. Online [I]: the
+consolidated teacher is the weighted geometric mean of ALL teachers, log pi*(y) = sum_k w_k log pi_k(y), with
+w = softmax(evidence / aggregation_temperature) over the prompt's own teachers' outputs, like the paper's aggregator,
+which reads every teacher on this question:
 
 * where the prompt has a signal (its completions' rewards differ), the evidence is the signal: the verdict says
   which teachers rank the completions right;
