@@ -27,6 +27,20 @@ def teacher_display_name(teacher: str | PreTrainedModel) -> str:
     return _compat.get_config_model_id(teacher.config) or type(teacher).__name__
 
 
+def given_once(given, configured, given_arg: str, config_field: str):
+    """The teacher (or list of teachers) passed to the trainer, else the one named in the config. Both at once is an
+    error unless they are the same: one of them would otherwise be silently ignored."""
+    if given is not None and configured and given != configured:
+        plural = isinstance(given, list)
+        shown = [teacher_display_name(t) for t in given] if plural else teacher_display_name(given)
+        raise ValueError(
+            f"The {'teachers are' if plural else 'teacher is'} given twice and {'differ' if plural else 'differs'}: "
+            f"`{given_arg}` is {shown!r} and `{config_field}` in the config is {configured!r}. Give "
+            f"{'them' if plural else 'it'} in one place only."
+        )
+    return given if given is not None else configured
+
+
 def load_teacher(
     teacher: str | PreTrainedModel, init_kwargs: dict[str, Any] | None, args, default_dtype=None
 ) -> PreTrainedModel:

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel
 
 from ..core import ExtGRPOTrainer, check_teacher_vocabulary, load_teacher, prepare_teacher, zero_reward
 from ..core.trainer import resolve_config
-from ..core.teachers import teacher_display_name
+from ..core.teachers import given_once, teacher_display_name
 from .advantages import GNDPOAdvantages, gndpo_advantages
 from .config import GNDPOConfig
 
@@ -64,13 +64,8 @@ class GNDPOTrainer(ExtGRPOTrainer):
         teacher_model: str | PreTrainedModel | None = None,
     ):
         args = resolve_config(model, args, GNDPOConfig, "GNDPO")
-        configured = args.teacher_model_name_or_path
-        if teacher_model is not None and configured is not None and teacher_model != configured:
-            raise ValueError(
-                f"The teacher is given twice and differs: `teacher_model` is {teacher_display_name(teacher_model)!r} "
-                f"and `teacher_model_name_or_path` in the config is {configured!r}. Give it in one place only."
-            )
-        teacher = teacher_model if teacher_model is not None else configured
+        teacher = given_once(teacher_model, args.teacher_model_name_or_path, "teacher_model",
+                             "teacher_model_name_or_path")
         if teacher is None:
             raise ValueError(
                 "GNDPOTrainer needs a teacher: pass `teacher_model=` (an id, a path or a model) or set "

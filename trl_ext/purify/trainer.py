@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..core import ExtGRPOTrainer, check_teacher_vocabulary, load_teacher, prepare_teacher, zero_reward
-from ..core.teachers import teacher_display_name
+from ..core.teachers import given_once, teacher_display_name
 from ..gndpo.advantages import GNDPOAdvantages, gndpo_advantages
 from .config import NEEDS_REWARD, PurifiedDistillConfig
 from .features import hashed_ngram_features, hidden_state_features
@@ -178,14 +178,9 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
                 "`teacher_models` must be a list of teachers (ids, paths or models), got a single "
                 f"{type(teacher_models).__name__}. Wrap it in a list: teacher_models=[teacher]."
             )
-        configured = list(args.teacher_model_names_or_paths or [])
-        given = list(teacher_models) if teacher_models is not None else None
-        if given is not None and configured and given != configured:
-            raise ValueError(
-                f"The teachers are given twice and differ: `teacher_models` has {len(given)} teachers and "
-                f"`teacher_model_names_or_paths` in the config is {configured!r}. Give them in one place only."
-            )
-        teachers = given if given is not None else configured
+        teachers = given_once(list(teacher_models) if teacher_models is not None else None,
+                              list(args.teacher_model_names_or_paths or []), "teacher_models",
+                              "teacher_model_names_or_paths")
         if not teachers:
             raise ValueError(
                 "PurifiedDistillTrainer needs at least one teacher, got an empty teacher list: pass "
