@@ -33,7 +33,7 @@ GRPO's (means over seeds); the refill overhead is reported. Torch runs single-th
 on 2 shared cores, two threads per process oversubscribe the CPU and run ~10x slower for this tiny model.
 `--task arithmetic` is available but uninformative for pass@16: the student already reaches pass@16 ~ 1 there.
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py            # ~13 min (4 seeds)
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py            # ~20 min (8 seeds)
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py --quick    # ~1 min smoke run
 
 Writes `<out-dir>/prorl.json` and `<out-dir>/prorl.png` (default out-dir: benchmarks/results).
@@ -102,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training reward: 'success' = exact answer (binary, default), 'task' = the task's own reward")
     p.add_argument("--samples", type=int, default=64 * 1400,
                    help="generated completions per run, refill included (default 89600 = 1400 GRPO steps of 64)")
-    p.add_argument("--seeds", type=str, default="4", help="number of seeds ('4' -> 0..3) or a list '0,5'")
+    p.add_argument("--seeds", type=str, default="8", help="number of seeds ('8' -> 0..7) or a list '0,5'")
     p.add_argument("--batch", type=int, default=64, help="completions per optimizer step (default 64 = 4 prompts x 16)")
     p.add_argument("--num-generations", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=3e-4)
