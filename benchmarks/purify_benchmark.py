@@ -447,6 +447,18 @@ def run_timing(w, args, log) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # targets, plot, output
 # ----------------------------------------------------------------------------------------------------------------------
+def _last_tenth(rewards: list) -> float:
+    return float(np.nanmean(np.asarray(rewards[-max(1, len(rewards) // 10):], dtype=float)))
+
+
+def _paired(differences: list[float]) -> dict:
+    """Mean, standard error and sign count of per-seed differences to averaging."""
+    d = np.asarray(differences, dtype=float)
+    error = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "standard_error": error, "seeds_ahead": int((d > 0).sum()), "seeds": len(d),
+            "per_seed": d.tolist()}
+
+
 def targets(report: dict, args) -> dict:
     training, out = report["training"], {}
     score = {c: r["final_greedy"] for c, r in training.items()}
@@ -456,22 +468,31 @@ def targets(report: dict, args) -> dict:
         out["best_single_teacher"] = {"condition": best_single, **{k: score[best_single][k]
                                                                    for k in ("in_domain", "out_of_domain")}}
     # A less noisy cross-check than one greedy evaluation: the sampled training reward over the last 10% of steps.
-    out["training_reward_last_10_percent"] = {
-        c: float(np.nanmean(r["reward"][-max(1, len(r["reward"]) // 10):])) for c, r in training.items()}
+    # Every training prompt is fresh (the training set holds more prompts than a run draws) and is scored before the
+    # student learns from it, so this is the sampled (temperature 1) reward on unseen in-domain prompts, averaged
+    # over the last tenth of training rather than taken from the final student.
+    out["training_reward_last_10_percent"] = {c: _last_tenth(r["reward"]) for c, r in training.items()}
     if "none" in score:
         purifiers = [c for c in PURIFICATIONS[1:] if c in score]
+        seeds = list(training["none"]["per_seed"])
         beats = {c: score[c]["in_domain"] - score["none"]["in_domain"] for c in purifiers}
         per_seed = {c: [training[c]["per_seed"][seed]["final_greedy"]["in_domain"]
                         - training["none"]["per_seed"][seed]["final_greedy"]["in_domain"]
-                        for seed in training["none"]["per_seed"]] for c in purifiers}
+                        for seed in seeds] for c in purifiers}
+        sampled_per_seed = {c: [_last_tenth(training[c]["per_seed"][seed]["reward"])
+                                - _last_tenth(training["none"]["per_seed"][seed]["reward"]) for seed in seeds]
+                            for c in purifiers}
         out["every_purifier_beats_naive_averaging"] = {
             "met": bool(purifiers) and all(d > 0 for d in beats.values()),
             "definition": "in-domain greedy student reward, mean over seeds, above purification='none'",
             "in_domain_reward_minus_none": beats,
             "in_domain_reward_minus_none_per_seed": per_seed,
+            "in_domain_reward_minus_none_paired": {c: _paired(d) for c, d in per_seed.items()},
             "out_of_domain_reward_minus_none": {c: score[c]["out_of_domain"] - score["none"]["out_of_domain"]
                                                 for c in purifiers},
             "none_in_domain": score["none"]["in_domain"],
+            # Not the target's definition: the same comparison on the sampled reward (see above), paired by seed.
+            "cross_check_sampled_training_reward_minus_none": {c: _paired(d) for c, d in sampled_per_seed.items()},
         }
     routers = [c for c in ROUTERS if c in score]
     # The paper compares its routers with the other purifications and the naive multi-teacher baseline.
