@@ -3,7 +3,7 @@
 Three teachers with different strengths (0: addition expert, 1: reversal expert, 2: a generalist that is confidently
 wrong on additions whose first operand is >= 5), one weak student, in-domain training prompts (addition with first
 operand 0-6, reversal of words starting with a/b) and held-out out-of-domain prompts (first operand 7-9, words
-starting with c). One command, four seeds by default (results averaged; the student's outcome varies a lot between
+starting with c). One command, eight seeds by default (results averaged; the student's outcome varies a lot between
 seeds, so one or two seeds are not enough), 2 CPU cores:
 
 1. Same budget (steps, prompts, completions per prompt, optimizer, learning rate, seed) for
@@ -11,8 +11,9 @@ seeds, so one or two seeds are not enough), 2 CPU cores:
    * naive averaging (`purification="none"`), and
    * the five purifications (`aggregation`, `plackett_luce`, `classifier_router`, `similarity_router`,
      `rl_selection`) of `PurifiedDistillTrainer`.
-   After training: the student's greedy reward per task in-domain and out-of-domain (200 prompts per split), the
-   sampled training reward over the last 10% of steps, and,
+   After training: the student's greedy reward per task in-domain and out-of-domain (200 prompts per split), its
+   expected reward on the same prompts (8 answers each sampled at temperature 1), the sampled training reward over
+   the last 10% of steps, and,
    for the purified runs, the routing decisions' accuracy against the signal on in-domain and out-of-domain prompts
    (`trainer.evaluate`: the routers decide, never learn, there).
 2. Cost: median CPU time per optimizer step at learning rate 0 (identical policy, so identical completion lengths)
@@ -29,7 +30,7 @@ reported); the cost of K teachers grows no worse than K teacher forward passes (
 step(GNDPO, 1 teacher) <= (K - 1) x teacher forward x (1 + --cost-tolerance); the lenient reading, <= K forwards,
 is reported too).
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/purify_benchmark.py           # ~25 min, 2 CPU cores
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/purify_benchmark.py           # ~40 min, 2 CPU cores
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/purify_benchmark.py --quick   # smoke run, ~1 min
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/purify_benchmark.py --from-json <purify.json>
 
@@ -96,7 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated seeds; results are averaged (default 0-7: per-seed outcomes differ by "
                         "+-0.1, so 4 seeds cannot resolve the differences between methods)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--eval-prompts", type=int, default=200, help="greedy-evaluation prompts per split (default 200)")
+    p.add_argument("--eval-prompts", type=int, default=200, help="evaluation prompts per split (default 200)")
+    p.add_argument("--eval-samples", type=int, default=8,
+                   help="sampled answers per evaluation prompt for the sampled (expected) reward (default 8)")
     p.add_argument("--router-eval-prompts", type=int, default=64, help="prompts per split for router accuracy")
     p.add_argument("--conditions", type=str, default=",".join((*SINGLE, *PURIFICATIONS)),
                    help="comma-separated subset of the conditions to train")
@@ -148,24 +151,32 @@ def world(args) -> dict:
 
 
 @torch.no_grad()
-def greedy_rewards(model, tokenizer, dataset) -> dict[str, float]:
-    """Mean task reward of greedy answers, per task."""
+def task_rewards(model, tokenizer, dataset, samples: int = 0, seed: int = 0) -> dict[str, float]:
+    """Mean task reward per task: of greedy answers (samples=0), or of `samples` answers per prompt sampled as in
+    training (temperature 1, no top-k/top-p), i.e. the student's expected reward."""
     from trl_ext import demo
 
     model = model.eval()
     prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in dataset["prompt"]]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    out = model.generate(**encoded, max_new_tokens=COMMON_TRAINING["max_completion_length"], do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+    sampling = {"do_sample": False}
+    if samples:
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_return_sequences": samples}
+    out = model.generate(**encoded, max_new_tokens=COMMON_TRAINING["max_completion_length"],
+                         pad_token_id=tokenizer.pad_token_id, **sampling)
     texts = tokenizer.batch_decode(out[:, encoded["input_ids"].size(1):], skip_special_tokens=True)
+    repeat = max(samples, 1)  # generate() returns each prompt's samples next to each other
     per_task: dict[str, list[float]] = {}
-    for text, task, answer in zip(texts, dataset["task"], dataset["answer"]):
+    for i, text in enumerate(texts):
+        task, answer = dataset["task"][i // repeat], dataset["answer"][i // repeat]
         per_task.setdefault(task, []).append(demo.get_task(task).reward(text, answer))
     return {task: float(np.mean(values)) for task, values in sorted(per_task.items())}
 
 
-def evaluate_model(model, tokenizer, w) -> dict[str, float]:
-    scores = {**greedy_rewards(model, tokenizer, w["eval_in"]), **greedy_rewards(model, tokenizer, w["eval_out"])}
+def evaluate_model(model, tokenizer, w, samples: int = 0, seed: int = 0) -> dict[str, float]:
+    scores = {**task_rewards(model, tokenizer, w["eval_in"], samples, seed),
+              **task_rewards(model, tokenizer, w["eval_out"], samples, seed)}
     scores["in_domain"] = float(np.mean([scores[t] for t in TASKS_IN]))
     scores["out_of_domain"] = float(np.mean([scores[t] for t in TASKS_OUT]))
     return scores
@@ -239,6 +250,7 @@ def run_training(condition: str, w, args, seed: int) -> dict:
             "reward_arithmetic": series(history, "rewards/arithmetic/mean"),
             "reward_reversal": series(history, "rewards/reversal/mean"),
             "final_greedy": evaluate_model(trainer.model, trainer.processing_class, w),
+            "final_sampled": evaluate_model(trainer.model, trainer.processing_class, w, args.eval_samples, seed),
         }
         if not condition.startswith("single/"):
             for key in ("router_accuracy", "disagreement", "decisive_fraction", "fallback_fraction",
@@ -494,6 +506,12 @@ def targets(report: dict, args) -> dict:
             # Not the target's definition: the same comparison on the sampled reward (see above), paired by seed.
             "cross_check_sampled_training_reward_minus_none": {c: _paired(d) for c, d in sampled_per_seed.items()},
         }
+        if all("final_sampled" in training[c]["per_seed"][seed] for c in ["none", *purifiers] for seed in seeds):
+            # Also not the target: the final student's expected (sampled) reward on the held-out in-domain prompts.
+            out["every_purifier_beats_naive_averaging"]["cross_check_sampled_final_minus_none"] = {
+                c: _paired([training[c]["per_seed"][seed]["final_sampled"]["in_domain"]
+                            - training["none"]["per_seed"][seed]["final_sampled"]["in_domain"] for seed in seeds])
+                for c in purifiers}
     routers = [c for c in ROUTERS if c in score]
     # The paper compares its routers with the other purifications and the naive multi-teacher baseline.
     multi_teacher = [c for c in PURIFICATIONS if c in score and c not in ROUTERS]
@@ -693,6 +711,8 @@ def main(argv=None) -> int:
             "single": "GNDPOTrainer (global normalization, score_clip 5) with one teacher",
             "purified": "PurifiedDistillTrainer, default settings, the three teachers",
             "final_greedy": f"greedy task reward after training, {args.eval_prompts} prompts per split",
+            "final_sampled": f"task reward of {args.eval_samples} answers per prompt sampled at temperature 1 after "
+                             f"training (the student's expected reward), same prompts",
             "router_eval": f"trainer.evaluate on {args.router_eval_prompts} prompts per split, "
                            f"{COMMON_TRAINING['num_generations']} samples each",
         },
@@ -708,10 +728,10 @@ def main(argv=None) -> int:
         for seed in args.seed_list:
             run = runs[seed] = run_training(condition, w, args, seed)
             g = run["final_greedy"]
-            extra = ""
+            extra = f", sampled in-domain {run['final_sampled']['in_domain']:.3f}"
             if "router_eval" in run:
-                extra = (f", routing accuracy in {run['router_eval']['in']['router_accuracy']:.2f} / out "
-                         f"{run['router_eval']['out']['router_accuracy']:.2f}")
+                extra += (f", routing accuracy in {run['router_eval']['in']['router_accuracy']:.2f} / out "
+                          f"{run['router_eval']['out']['router_accuracy']:.2f}")
             log(f"{condition:28s} seed {seed}: in-domain {g['in_domain']:.3f} (arith {g['arithmetic_in']:.2f}, rev "
                 f"{g['reversal_in']:.2f}), out-of-domain {g['out_of_domain']:.3f} (arith {g['arithmetic_out']:.2f}, "
                 f"rev {g['reversal_out']:.2f}){extra}, {run['wall_seconds']:.0f} s")
