@@ -487,31 +487,28 @@ def targets(report: dict, args) -> dict:
     if "none" in score:
         purifiers = [c for c in PURIFICATIONS[1:] if c in score]
         seeds = list(training["none"]["per_seed"])
+
+        def paired_minus_none(value) -> dict:
+            """Per purifier: `value(run)` minus averaging's, paired by seed (see _paired)."""
+            return {c: _paired([value(training[c]["per_seed"][seed]) - value(training["none"]["per_seed"][seed])
+                                for seed in seeds]) for c in purifiers}
+
         beats = {c: score[c]["in_domain"] - score["none"]["in_domain"] for c in purifiers}
-        per_seed = {c: [training[c]["per_seed"][seed]["final_greedy"]["in_domain"]
-                        - training["none"]["per_seed"][seed]["final_greedy"]["in_domain"]
-                        for seed in seeds] for c in purifiers}
-        sampled_per_seed = {c: [_last_tenth(training[c]["per_seed"][seed]["reward"])
-                                - _last_tenth(training["none"]["per_seed"][seed]["reward"]) for seed in seeds]
-                            for c in purifiers}
-        out["every_purifier_beats_naive_averaging"] = {
+        entry = out["every_purifier_beats_naive_averaging"] = {
             "met": bool(purifiers) and all(d > 0 for d in beats.values()),
             "definition": "in-domain greedy student reward, mean over seeds, above purification='none'",
             "in_domain_reward_minus_none": beats,
-            "in_domain_reward_minus_none_per_seed": per_seed,
-            "in_domain_reward_minus_none_paired": {c: _paired(d) for c, d in per_seed.items()},
+            "in_domain_reward_minus_none_paired": paired_minus_none(lambda run: run["final_greedy"]["in_domain"]),
             "out_of_domain_reward_minus_none": {c: score[c]["out_of_domain"] - score["none"]["out_of_domain"]
                                                 for c in purifiers},
             "none_in_domain": score["none"]["in_domain"],
-            # Not the target's definition: the same comparison on the sampled reward (see above), paired by seed.
-            "cross_check_sampled_training_reward_minus_none": {c: _paired(d) for c, d in sampled_per_seed.items()},
+            # Not the target's definition: the same comparison on the sampled reward (see above).
+            "cross_check_sampled_training_reward_minus_none": paired_minus_none(lambda run: _last_tenth(run["reward"])),
         }
         if all("final_sampled" in training[c]["per_seed"][seed] for c in ["none", *purifiers] for seed in seeds):
             # Also not the target: the final student's expected (sampled) reward on the held-out in-domain prompts.
-            out["every_purifier_beats_naive_averaging"]["cross_check_sampled_final_minus_none"] = {
-                c: _paired([training[c]["per_seed"][seed]["final_sampled"]["in_domain"]
-                            - training["none"]["per_seed"][seed]["final_sampled"]["in_domain"] for seed in seeds])
-                for c in purifiers}
+            entry["cross_check_sampled_final_minus_none"] = paired_minus_none(
+                lambda run: run["final_sampled"]["in_domain"])
     routers = [c for c in ROUTERS if c in score]
     # The paper compares its routers with the other purifications and the naive multi-teacher baseline.
     multi_teacher = [c for c in PURIFICATIONS if c in score and c not in ROUTERS]
