@@ -104,3 +104,14 @@ def torchrun(script: str, *args: str, timeout: int = 300) -> None:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
+
+def four_bit_config():
+    """QLoRA's 4-bit base (NF4, float32 compute: CPU). bitsandbytes >= 0.45 runs it on CPU; it is in the `test` extra."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+def is_quantized(model) -> bool:
+    """True when the model holds bitsandbytes 4-bit layers."""
+    return any("Linear4bit" in type(m).__name__ for m in model.modules())

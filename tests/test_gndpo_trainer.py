@@ -7,9 +7,9 @@ from unittest.mock import MagicMock, patch
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
-from conftest import cpu_config
+from conftest import cpu_config, four_bit_config, is_quantized
 from trl_ext import GNDPOConfig, GNDPOTrainer, demo
 
 
@@ -114,11 +114,10 @@ def test_qlora_4bit(tmp_path, student_path, teacher_path, arithmetic_dataset):
     trainer = GNDPOTrainer(
         model=student_path, args=cpu_config(GNDPOConfig, tmp_path), train_dataset=arithmetic_dataset,
         teacher_model=teacher_path,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_compute_dtype=torch.float32),
+        quantization_config=four_bit_config(),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
-    assert any("Linear4bit" in type(m).__name__ for m in trainer.model.modules())
+    assert is_quantized(trainer.model)
     before = snapshot(trainer.model)
     trainer.train()
     assert len(changed_parameters(before, trainer.model)) == len(before)

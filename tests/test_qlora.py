@@ -6,9 +6,8 @@ it is in the `test` extra."""
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import BitsAndBytesConfig
 
-from conftest import cpu_config
+from conftest import cpu_config, four_bit_config, is_quantized
 from trl_ext import (DelightConfig, DelightTrainer, PGPOConfig, PGPOTrainer, PurifiedDistillConfig,
                      PurifiedDistillTrainer, demo)
 from trl_ext.prorl import ProRLConfig, ProRLTrainer
@@ -18,17 +17,9 @@ pytest.importorskip("bitsandbytes")
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 
 
-def four_bit() -> BitsAndBytesConfig:
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-
-
 def adapter(model, name):
     return {n.replace(f".{name}.", ".X."): p.detach().clone() for n, p in model.named_parameters()
             if f".{name}." in n}
-
-
-def is_quantized(model) -> bool:
-    return any("Linear4bit" in type(m).__name__ for m in model.modules())
 
 
 def trains_only_the_adapter(trainer) -> None:
@@ -45,7 +36,7 @@ def test_pgpo_ema_teacher_adapter_on_a_4bit_model(tmp_path, student_path, arithm
     args = cpu_config(PGPOConfig, tmp_path, max_steps=1, distillation_topk=8, seed=0, teacher_update_rate=0.25,
                       per_device_train_batch_size=32)  # 8 groups: some succeed, so the teacher has contexts
     trainer = PGPOTrainer(model=student_path, reward_funcs=[demo.task_reward], args=args,
-                          train_dataset=arithmetic_dataset, peft_config=LORA, quantization_config=four_bit())
+                          train_dataset=arithmetic_dataset, peft_config=LORA, quantization_config=four_bit_config())
     assert is_quantized(trainer.model) and "teacher" in trainer.model.peft_config
     teacher0, student0 = adapter(trainer.model, "teacher"), adapter(trainer.model, "default")
     assert teacher0.keys() == student0.keys() and all(torch.equal(teacher0[k], student0[k]) for k in teacher0)
@@ -63,7 +54,7 @@ def test_prorl_reference_adapter_reset_on_a_4bit_model(tmp_path, student_path, a
 
     args = cpu_config(ProRLConfig, tmp_path, max_steps=3, beta=0.1, ref_reset_steps=2, dynamic_sampling="none")
     trainer = ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
-                           train_dataset=arithmetic_dataset, peft_config=LORA, quantization_config=four_bit())
+                           train_dataset=arithmetic_dataset, peft_config=LORA, quantization_config=four_bit_config())
     assert is_quantized(trainer.model) and "ref" in trainer.model.peft_config
     trainer.train()
     assert trainer.reference_reset.history == [{"step": 2, "reason": "schedule", "requested_at": 2}]
@@ -78,7 +69,7 @@ def test_kondo_gate_skipping_micro_batches_on_a_4bit_model(tmp_path, student_pat
     args = cpu_config(DelightConfig, tmp_path, max_steps=2, gate="threshold", gate_price=0.0,
                       per_device_train_batch_size=4, gradient_accumulation_steps=4)
     trainer = DelightTrainer(model=student_path, reward_funcs=[demo.task_reward], args=args,
-                             train_dataset=arithmetic_dataset, peft_config=LORA, quantization_config=four_bit())
+                             train_dataset=arithmetic_dataset, peft_config=LORA, quantization_config=four_bit_config())
     assert is_quantized(trainer.model)
     trains_only_the_adapter(trainer)
     assert trainer.gate_counters["micro_batches_skipped"] > 0
@@ -89,6 +80,6 @@ def test_purified_distillation_into_a_4bit_student(tmp_path, student_path, teach
                       router_min_examples=1)
     trainer = PurifiedDistillTrainer(model=student_path, reward_funcs=[demo.task_reward], args=args,
                                      train_dataset=arithmetic_dataset, teacher_models=[teacher_path, student_path],
-                                     peft_config=LORA, quantization_config=four_bit())
+                                     peft_config=LORA, quantization_config=four_bit_config())
     assert is_quantized(trainer.model) and not any(is_quantized(t) for t in trainer.teacher_models)
     trains_only_the_adapter(trainer)
