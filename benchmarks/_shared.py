@@ -1,4 +1,5 @@
-"""Common scaffolding of the benchmark scripts: quiet logging, version stamps, seed parsing and atomic JSON output."""
+"""Common scaffolding of the benchmark scripts: quiet logging, version stamps, seed parsing, worker processes and
+atomic JSON output."""
 
 from __future__ import annotations
 
@@ -70,3 +71,28 @@ def write_json(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(round_floats(obj), indent=1))
     os.replace(tmp, path)
+
+
+_WORKER_EVALUATOR = None
+
+
+def worker_evaluator(threads: int, build):
+    """In a spawned worker process: quiet logging, `threads` torch threads, and one evaluator per process, built by
+    `build()` on first use (evaluators hold tokenized prompts, so they are built once, not per run)."""
+    global _WORKER_EVALUATOR
+    import torch
+
+    quiet()
+    torch.set_num_threads(threads)
+    if _WORKER_EVALUATOR is None:
+        _WORKER_EVALUATOR = build()
+    return _WORKER_EVALUATOR
+
+
+def map_in_processes(run_one, jobs: list, workers: int):
+    """Yields run_one(job) for every job as it finishes, `workers` at a time in spawned processes (spawn, not fork:
+    a forked torch process can deadlock). run_one must be a module-level function and jobs picklable."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap_unordered(run_one, jobs)

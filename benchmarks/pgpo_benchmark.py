@@ -60,7 +60,9 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._shared import parse_seeds, quiet, versions, write_json  # noqa: E402
+from benchmarks._shared import (  # noqa: E402
+    map_in_processes, parse_seeds, quiet, versions, worker_evaluator, write_json,
+)
 
 RESULT_NAME = "pgpo"
 METHODS = ("grpo", "sdpo", "pgpo-agreement", "pgpo-correction", "pgpo-verified")
@@ -155,18 +157,11 @@ class Evaluator:
 # ----------------------------------------------------------------------------------------------------------------------
 # one run
 # ----------------------------------------------------------------------------------------------------------------------
-_EVALUATOR = None
-
-
 def run_job(job) -> tuple:
     """One (setting, method, seed) run in a worker process."""
-    global _EVALUATOR
     setting, method, seed, args = job
-    quiet()
-    torch.set_num_threads(args.threads)
-    if _EVALUATOR is None:
-        _EVALUATOR = Evaluator(args)
-    return setting, method, seed, run(method, setting, seed, args, _EVALUATOR, lambda m: print(m, flush=True))
+    evaluator = worker_evaluator(args.threads, lambda: Evaluator(args))
+    return setting, method, seed, run(method, setting, seed, args, evaluator, lambda m: print(m, flush=True))
 
 
 def run(method: str, setting: str, seed: int, args, evaluator, log) -> dict:
@@ -372,11 +367,8 @@ def main(argv=None) -> None:
             for seed in args.seed_list]
     results = {}
     if args.workers > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            for setting, method, seed, record in pool.imap_unordered(run_job, jobs):
-                results[setting, method, seed] = record
+        for setting, method, seed, record in map_in_processes(run_job, jobs, args.workers):
+            results[setting, method, seed] = record
     else:
         for setting, method, seed, _ in jobs:
             results[setting, method, seed] = run(method, setting, seed, args, evaluator, log)

@@ -42,7 +42,7 @@ the noise of sharing the CPU). Torch runs single-threaded by default (`--threads
 per process oversubscribe the CPU and run ~10x slower for this tiny model.
 `--task arithmetic` is available but uninformative for pass@16: the student already reaches pass@16 ~ 1 there.
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py            # ~55 min (8 seeds, 2 workers)
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py            # ~40 min (8 seeds)
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py --quick    # ~1 min smoke run
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py --from-json <prorl.json>
 
@@ -73,7 +73,9 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._shared import parse_seeds, quiet, round_floats, versions, write_json  # noqa: E402
+from benchmarks._shared import (  # noqa: E402
+    map_in_processes, parse_seeds, quiet, round_floats, versions, worker_evaluator, write_json,
+)
 
 RESULT_NAME = "prorl"
 METHODS = ("grpo", "prorl")
@@ -544,23 +546,12 @@ def plot(report: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-_WORKER_EVALUATOR = None
-
-
 def run_job(job) -> tuple:
-    """One (method, seed) run in a worker process (spawned: the task variant and the evaluator are rebuilt there)."""
-    global _WORKER_EVALUATOR
+    """One (method, seed) run in a worker process; task_name() registers a --length/--alphabet variant there too."""
     method, seed, args, initial = job
-    quiet()
-    torch.set_num_threads(args.threads)
-    if _WORKER_EVALUATOR is None:
-        task_name(args)  # registers a --length/--alphabet variant in this process
-        _WORKER_EVALUATOR = Evaluator(args.task_name, args)
-
-    def log(msg: str) -> None:
-        print(f"[worker {os.getpid()}] {msg}", flush=True)
-
-    return method, seed, run(method, seed, args, _WORKER_EVALUATOR, initial, log)
+    evaluator = worker_evaluator(args.threads, lambda: Evaluator(task_name(args), args))
+    return method, seed, run(method, seed, args, evaluator, initial,
+                             lambda msg: print(f"[worker {os.getpid()}] {msg}", flush=True))
 
 
 def run_jobs(jobs: list, workers: int, evaluator, log):
@@ -572,10 +563,7 @@ def run_jobs(jobs: list, workers: int, evaluator, log):
         for method, seed, args, initial in jobs:
             yield method, seed, run(method, seed, args, evaluator, initial, log)
         return
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap_unordered(run_job, jobs)
+    yield from map_in_processes(run_job, jobs, workers)
 
 
 def rescore(path: Path, args) -> int:
@@ -620,7 +608,8 @@ def main(argv=None) -> int:
         "environment": {**versions(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                         "platform": platform.platform(), "load_average_1min_at_start": os.getloadavg()[0]},
         "config": {
-            "task": args.task_name, "student_steps": args.student_steps, "reward": args.reward, "samples": args.samples, "seeds": args.seed_list,
+            "task": args.task_name, "student_steps": args.student_steps, "reward": args.reward,
+            "samples": args.samples, "seeds": args.seed_list,
             "batch": args.batch,
             "num_generations": args.num_generations, "learning_rate": args.learning_rate,
             "steps_per_generation": args.steps_per_generation,
