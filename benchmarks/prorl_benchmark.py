@@ -122,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-generation", type=int, default=4,
                    help="optimizer steps per rollout (ProRL: batch 256 / mini-batch 64 = 4 [S]); >1 makes the clip act")
     p.add_argument("--reset-every", type=int, default=20,
-                   help="ProRL reference + optimizer reset period in optimizer steps (default 20: ~6 resets per run)")
+                   help="ProRL reference + optimizer reset period in optimizer steps (default 20: ~70 resets in the "
+                        "default budget, ~7 in the short one)")
     p.add_argument("--prorl-overrides", type=json.loads, default={},
                    help='JSON dict of extra ProRLConfig fields, e.g. \'{"beta": 0.01}\' (default: none)')
     p.add_argument("--methods", type=str, default="grpo,prorl", help="subset to run (targets need both)")
