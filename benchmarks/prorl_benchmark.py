@@ -136,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "student's while its pass@1 is below --solved-pass-at-1")
     p.add_argument("--solved-pass-at-1", type=float, default=0.5,
                    help="final pass@1 from which low entropy counts as the task being solved, not a collapse "
-                        "(the right answer is then at least as likely as all wrong ones together)")
+                        "(the right answer is then, on average, at least as likely as all wrong ones together)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes; 1 = all in this process)")
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run: small budget, 1 seed, small eval")
