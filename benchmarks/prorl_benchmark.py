@@ -380,6 +380,12 @@ def run(method: str, seed: int, args, evaluator, initial: dict, log) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # summary, targets, plot
 # ----------------------------------------------------------------------------------------------------------------------
+def mean_initial(points: list[dict]) -> dict:
+    """The initial student's evaluation averaged over seeds (pass@k per k, entropy, reward)."""
+    return {"pass_at_k": np.mean([p["pass_at_k"] for p in points], axis=0).tolist(),
+            **{key: float(np.mean([p[key] for p in points])) for key in ("entropy", "reward")}}
+
+
 def summarize(runs: dict, initial: dict) -> dict:
     out = {}
     for method in METHODS:
@@ -423,10 +429,11 @@ def targets(summary: dict, args) -> dict:
         return [bool(h < floor and p1 < args.solved_pass_at_1)
                 for h, p1 in zip(method["final_entropy_per_seed"], method["final_pass_at_1_per_seed"])]
 
+    prorl_collapsed = collapsed(prorl)
     out = {
         "prorl_entropy_does_not_collapse": {
-            "met": not any(collapsed(prorl)),
-            "prorl_collapsed_seeds": sum(collapsed(prorl)), "grpo_collapsed_seeds": sum(collapsed(grpo)),
+            "met": not any(prorl_collapsed),
+            "prorl_collapsed_seeds": sum(prorl_collapsed), "grpo_collapsed_seeds": sum(collapsed(grpo)),
             "prorl_final_entropy_per_seed": prorl["final_entropy_per_seed"],
             "grpo_final_entropy_per_seed": grpo["final_entropy_per_seed"],
             "prorl_final_entropy": prorl["final_entropy"], "grpo_final_entropy": grpo["final_entropy"],
@@ -572,9 +579,7 @@ def rescore(path: Path, args) -> int:
     report = json.loads(path.read_text())
     runs = {method: dict(sorted(report["runs"][method].items(), key=lambda item: int(item[0])))
             for method in METHODS}
-    first_evals = [r["evals"][0] for by_seed in runs.values() for r in by_seed.values()]
-    initial = {"pass_at_k": np.mean([e["pass_at_k"] for e in first_evals], axis=0).tolist(),
-               **{key: float(np.mean([e[key] for e in first_evals])) for key in ("entropy", "reward")}}
+    initial = mean_initial([r["evals"][0] for by_seed in runs.values() for r in by_seed.values()])
     report["config"].update(entropy_floor=args.entropy_floor, solved_pass_at_1=args.solved_pass_at_1)
     report["summary"] = summarize(runs, initial)
     report["targets"] = targets(report["summary"], args)
@@ -640,9 +645,7 @@ def main(argv=None) -> int:
         runs = {m: dict(sorted(by_seed.items())) for m, by_seed in runs.items()}  # seed order, as they finish
         report["runs"] = runs
         write_json(report, out_dir / f"{RESULT_NAME}.json")  # partial results survive an interruption
-    initial = {key: (np.mean([initial_by_seed[s][key] for s in args.seed_list], axis=0).tolist()
-                     if key == "pass_at_k" else float(np.mean([initial_by_seed[s][key] for s in args.seed_list])))
-               for key in ("pass_at_k", "entropy", "reward")}
+    initial = mean_initial([initial_by_seed[s] for s in args.seed_list])
     if set(args.method_list) != set(METHODS):
         log("not all methods ran: no summary, targets or plot")
         return 0
