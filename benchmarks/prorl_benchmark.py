@@ -1,6 +1,7 @@
 """ProRL benchmark on the embedded demo world: a long run of GRPO vs ProRL with the same budget of generated samples.
 
-What is compared (same student, data, batch, learning rate, optimizer and rollout reuse; only the recipe differs):
+What is compared (same student, data, batch, optimizer and rollout reuse; the recipe differs, and each method runs at
+the learning rates of its own grid):
 
 * GRPO: `trl.GRPOTrainer` with TRL's defaults for the recipe knobs (symmetric clip 0.2, no KL, temperature 1.0,
   token-level "dapo" loss, no dynamic sampling).
@@ -12,7 +13,7 @@ Setting (defaults): the demo `reversal` task (reverse 5 symbols over an alphabet
 trained on the binary exact-answer reward (`--reward success`, like the paper's math rewards; the student solves
 ~0.5% of samples, so ~94% of 16-sample groups are all-wrong and carry no signal: the regime dynamic sampling is
 for), 16 samples per prompt, 64 completions per optimizer step and 4 optimizer steps per rollout (ProRL's
-256/64 [S], so ratios move off 1 and the clip acts), learning rate 3e-4, constant. A run stops when it has
+256/64 [S], so ratios move off 1 and the clip acts), constant learning rates. A run stops when it has
 *generated* `--samples` completions, refill rounds included, so ProRL makes far fewer optimizer steps than GRPO for
 the same sampling budget. At `--evals` points along the budget (and for the initial student), each policy is
 evaluated on `--eval-prompts` held-out prompts with `--eval-n` samples per prompt at temperature
@@ -31,6 +32,12 @@ The default budget, 358,400 samples (5,600 GRPO steps of 64), is "prolonged" for
 optimizer steps. At a quarter of it (`--samples 89600`, the earlier reference kept as `results/prorl_short.json`)
 ProRL made ~150 steps and its pass@1 was still rising at the end.
 
+Learning rate: each method runs at every rate of its grid (`--grpo-learning-rates`, `--prorl-learning-rates`), and
+the targets compare each method at its own best rate, the one with the highest mean final pass@1 (selected on the
+evaluation it reports, the same optimistic tuning for both). One shared rate is not a fair baseline here: ProRL makes
+a quarter of GRPO's optimizer steps for the same samples, so a rate that suits one recipe is too large or too small
+for the other (benchmarks/README.md). The default grids hold each method's best rate strictly inside them.
+
 Targets (from the issue; our operationalization): entropy does not collapse: no ProRL seed ends with eval entropy
 below `--entropy-floor` x the initial student's while its pass@1 is below `--solved-pass-at-1` (each prompt has one
 right answer, so a policy that solves the task must lose its entropy; that is not a collapse); ProRL's final pass@1
@@ -42,9 +49,11 @@ the noise of sharing the CPU). Torch runs single-threaded by default (`--threads
 per process oversubscribe the CPU and run ~10x slower for this tiny model.
 `--task arithmetic` is available but uninformative for pass@16: the student already reaches pass@16 ~ 1 there.
 
-    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py            # ~40 min (8 seeds)
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py            # ~3 h (8 seeds, 9 rates)
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py --quick    # ~1 min smoke run
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py --from-json <prorl.json>
+    # runs split over invocations (other rates, methods or seeds), merged and scored as one:
+    PYTHONPATH=. .venv/bin/python benchmarks/prorl_benchmark.py --from-json a.json b.json --rescore-to c.json
 
 Writes `<out-dir>/prorl.json` and `<out-dir>/prorl.png` (default out-dir: benchmarks/results).
 """
@@ -82,6 +91,8 @@ METHODS = ("grpo", "prorl")
 LABELS = {"grpo": "GRPO (TRL defaults)", "prorl": "ProRL"}
 COLORS = {"grpo": "tab:gray", "prorl": "tab:blue", "initial": "black"}
 K_VALUES = list(range(1, 17))
+# Each method's learning-rate grid: its best rate (by mean final pass@1 of the reference run) lies strictly inside it.
+DEFAULT_LEARNING_RATES = {"grpo": "5e-5,1e-4,2e-4,3e-4", "prorl": "1e-4,2e-4,3e-4,5e-4,1e-3"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -118,7 +129,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=str, default="8", help="number of seeds ('8' -> 0..7) or a list '0,5'")
     p.add_argument("--batch", type=int, default=64, help="completions per optimizer step (default 64 = 4 prompts x 16)")
     p.add_argument("--num-generations", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=3e-4)
+    for method, grid in DEFAULT_LEARNING_RATES.items():
+        p.add_argument(f"--{method}-learning-rates", type=str, default=None,
+                       help=f"comma list of constant learning rates {LABELS[method]} runs at; the targets compare each "
+                            f"method at its best rate (highest mean final pass@1) (default '{grid}', a grid whose "
+                            "best rate is inside it; --quick: '3e-4')")
     p.add_argument("--steps-per-generation", type=int, default=4,
                    help="optimizer steps per rollout (ProRL: batch 256 / mini-batch 64 = 4 [S]); >1 makes the clip act")
     p.add_argument("--reset-every", type=int, default=20,
@@ -141,9 +156,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes; 1 = all in this process)")
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run: small budget, 1 seed, small eval")
     p.add_argument("--out-dir", type=str, default=str(REPO_ROOT / "benchmarks" / "results"))
-    p.add_argument("--from-json", type=str, default=None,
-                   help="recompute the summary, targets and plot of a saved prorl.json with this version's "
-                        "definitions and the target flags given here (no training; rewrites the file and its .png)")
+    p.add_argument("--from-json", type=str, nargs="+", default=None,
+                   help="recompute the summary, targets and plot of saved prorl.json files with this version's "
+                        "definitions and the target flags given here, no training. One file is rewritten in place "
+                        "(and its .png); several, run with the same settings but other learning rates or seeds, are "
+                        "merged into --rescore-to")
+    p.add_argument("--rescore-to", type=str, default=None,
+                   help="with --from-json: where the re-scored (merged) JSON goes, its plot beside it (default: the "
+                        "single input file; required for several)")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.seeds, args.evals, args.eval_prompts, args.eval_n = 64 * 160, "1", 2, 32, 16
@@ -152,6 +172,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not set(args.method_list) <= set(METHODS):
         p.error(f"--methods must name a subset of {METHODS}")
     args.seed_list = parse_seeds(args.seeds)
+    args.lr_grid = {}
+    for method, grid in DEFAULT_LEARNING_RATES.items():
+        flag, text = f"--{method}-learning-rates", getattr(args, f"{method}_learning_rates")
+        text = text if text is not None else ("3e-4" if args.quick else grid)
+        try:
+            rates = sorted({float(lr) for lr in text.split(",") if lr.strip()})
+        except ValueError:
+            p.error(f"{flag} must be a comma list of numbers, got {text!r}")
+        if not rates or min(rates) <= 0:
+            p.error(f"{flag} needs positive rates, got {text!r}")
+        args.lr_grid[method] = rates
+    if args.from_json and len(args.from_json) > 1 and not args.rescore_to:
+        p.error("--from-json with several files merges them: name the output with --rescore-to")
     if (args.length or args.alphabet) and args.task != "reversal":
         p.error("--length/--alphabet apply to --task reversal only")
     if args.eval_n < max(K_VALUES):
@@ -313,7 +346,12 @@ def make_budget_callback(counter, budget: int, milestones: list[int], evaluate, 
     return SampleBudget()
 
 
-def run(method: str, seed: int, args, evaluator, initial: dict, log) -> dict:
+def lr_key(lr: float) -> str:
+    """A learning rate as the JSON key of its runs ('0.0003')."""
+    return f"{lr:g}"
+
+
+def run(method: str, lr: float, seed: int, args, evaluator, initial: dict, log) -> dict:
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -327,7 +365,7 @@ def run(method: str, seed: int, args, evaluator, initial: dict, log) -> dict:
         use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, logging_steps=10, seed=seed,
         per_device_train_batch_size=args.batch, num_generations=args.num_generations,
-        max_completion_length=max_completion_length(args.task), learning_rate=args.learning_rate,
+        max_completion_length=max_completion_length(args.task), learning_rate=lr,
         lr_scheduler_type="constant", steps_per_generation=args.steps_per_generation,
         max_steps=args.samples // args.batch + 1,  # the sample budget stops earlier
     )
@@ -370,9 +408,9 @@ def run(method: str, seed: int, args, evaluator, initial: dict, log) -> dict:
     if method == "prorl":
         record["resets"] = trainer.reference_reset.history if trainer.reference_reset else []
     final = record["evals"][-1]
-    log(f"{method:6s} seed {seed}: {record['steps']} steps, {counter.count} samples, {record['train_seconds']:.0f} s "
-        f"train; pass@1 {initial['pass_at_k'][0]:.3f} -> {final['pass_at_k'][0]:.3f}, pass@16 "
-        f"{initial['pass_at_k'][15]:.3f} -> {final['pass_at_k'][15]:.3f}, entropy {initial['entropy']:.3f} -> "
+    log(f"{method:6s} lr {lr:g} seed {seed}: {record['steps']} steps, {counter.count} samples, "
+        f"{record['train_seconds']:.0f} s train; pass@1 {initial['pass_at_k'][0]:.3f} -> {final['pass_at_k'][0]:.3f}, "
+        f"pass@16 {initial['pass_at_k'][15]:.3f} -> {final['pass_at_k'][15]:.3f}, entropy {initial['entropy']:.3f} -> "
         f"{final['entropy']:.3f}")
     return record
 
@@ -386,41 +424,59 @@ def mean_initial(points: list[dict]) -> dict:
             **{key: float(np.mean([p[key] for p in points])) for key in ("entropy", "reward")}}
 
 
+def summarize_runs(method: str, by_seed: dict) -> dict:
+    """One method at one learning rate: final pass@k, entropy and reward over seeds, step counts and times, and for
+    ProRL what refill cost."""
+    finals = [r["evals"][-1] for r in by_seed.values()]
+    summary = {
+        "final_pass_at_k": np.mean([f["pass_at_k"] for f in finals], axis=0).tolist(),
+        "final_pass_at_k_std_over_seeds": np.std([f["pass_at_k"] for f in finals], axis=0).tolist(),
+        "final_entropy": float(np.mean([f["entropy"] for f in finals])),
+        "final_entropy_per_seed": [f["entropy"] for f in finals],
+        "final_pass_at_1_per_seed": [f["pass_at_k"][0] for f in finals],
+        "final_entropy_unsolved_prompts_per_seed": [f.get("entropy_unsolved_prompts") for f in finals],
+        "final_reward": float(np.mean([f["reward"] for f in finals])),
+        "steps": float(np.mean([r["steps"] for r in by_seed.values()])),
+        "mean_step_seconds": float(np.mean([np.mean(r["step_seconds"]) for r in by_seed.values()])),
+        "train_seconds": float(np.mean([r["train_seconds"] for r in by_seed.values()])),
+    }
+    if method == "prorl":
+        refill = [sum(r["refill_seconds"]) for r in by_seed.values()]
+        steps_time = [sum(r["step_seconds"]) for r in by_seed.values()]
+        summary["refill_seconds_total"] = float(np.mean(refill))
+        summary["refill_share_of_step_time"] = float(np.mean([a / b for a, b in zip(refill, steps_time)]))
+        rounds = np.concatenate([r["generation_rounds"] for r in by_seed.values()])
+        summary["mean_generation_rounds_per_rollout"] = float(rounds.mean())
+        summary["share_of_rollouts_with_refill"] = float((rounds > 1).mean())
+        summary["share_of_samples_spent_on_refill"] = float(1.0 - 1.0 / rounds.mean())
+        summary["groups_masked_total"] = float(np.mean([sum(r["groups_masked"]) for r in by_seed.values()]))
+        summary["mean_first_round_informative_fraction"] = float(np.mean(np.concatenate(
+            [r["informative_fraction"] for r in by_seed.values()])))
+    return summary
+
+
 def summarize(runs: dict, initial: dict) -> dict:
-    out = {}
-    for method in METHODS:
-        finals = [r["evals"][-1] for r in runs[method].values()]
-        summary = {
-            "final_pass_at_k": np.mean([f["pass_at_k"] for f in finals], axis=0).tolist(),
-            "final_pass_at_k_std_over_seeds": np.std([f["pass_at_k"] for f in finals], axis=0).tolist(),
-            "final_entropy": float(np.mean([f["entropy"] for f in finals])),
-            "final_entropy_per_seed": [f["entropy"] for f in finals],
-            "final_pass_at_1_per_seed": [f["pass_at_k"][0] for f in finals],
-            "final_entropy_unsolved_prompts_per_seed": [f.get("entropy_unsolved_prompts") for f in finals],
-            "final_reward": float(np.mean([f["reward"] for f in finals])),
-            "steps": float(np.mean([r["steps"] for r in runs[method].values()])),
-            "mean_step_seconds": float(np.mean([np.mean(r["step_seconds"]) for r in runs[method].values()])),
-            "train_seconds": float(np.mean([r["train_seconds"] for r in runs[method].values()])),
-        }
-        if method == "prorl":
-            refill = [sum(r["refill_seconds"]) for r in runs[method].values()]
-            steps_time = [sum(r["step_seconds"]) for r in runs[method].values()]
-            summary["refill_seconds_total"] = float(np.mean(refill))
-            summary["refill_share_of_step_time"] = float(np.mean([a / b for a, b in zip(refill, steps_time)]))
-            rounds = np.concatenate([r["generation_rounds"] for r in runs[method].values()])
-            summary["mean_generation_rounds_per_rollout"] = float(rounds.mean())
-            summary["share_of_rollouts_with_refill"] = float((rounds > 1).mean())
-            summary["share_of_samples_spent_on_refill"] = float(1.0 - 1.0 / rounds.mean())
-            summary["groups_masked_total"] = float(np.mean([sum(r["groups_masked"]) for r in runs[method].values()]))
-            summary["mean_first_round_informative_fraction"] = float(np.mean(np.concatenate(
-                [r["informative_fraction"] for r in runs[method].values()])))
-        out[method] = summary
+    """Every (method, learning rate), and each method at its selected rate: the highest mean final pass@1 of the grid.
+
+    The selection uses the same final evaluation it reports, the same optimistic tuning for both methods; without it
+    a rate that suits one recipe and not the other decides the comparison (see benchmarks/README.md)."""
+    seed_sets = {(m, lr): sorted(by_seed) for m in METHODS for lr, by_seed in runs[m].items()}
+    if len({tuple(seeds) for seeds in seed_sets.values()}) > 1:
+        raise SystemExit(f"every (method, learning rate) needs the same seeds to be compared, got {seed_sets}")
+    by_lr = {m: {lr: summarize_runs(m, runs[m][lr]) for lr in sorted(runs[m], key=float)} for m in METHODS}
+    selected = {m: max(by_lr[m], key=lambda lr, m=m: (by_lr[m][lr]["final_pass_at_k"][0], -float(lr)))
+                for m in METHODS}
+    out = {m: {"learning_rate": float(selected[m]), **by_lr[m][selected[m]]} for m in METHODS}
+    out["by_learning_rate"] = by_lr
+    out["selected_learning_rate"] = {m: float(lr) for m, lr in selected.items()}
     out["initial"] = {"pass_at_k": initial["pass_at_k"], "entropy": initial["entropy"], "reward": initial["reward"]}
     return out
 
 
 def targets(summary: dict, args) -> dict:
+    """The issue's targets, each method at its selected learning rate; the grid's other rates are listed beside."""
     grpo, prorl, initial = summary["grpo"], summary["prorl"], summary["initial"]
+    by_lr = summary["by_learning_rate"]
     floor = args.entropy_floor * initial["entropy"]
 
     def collapsed(method: dict) -> list[bool]:
@@ -429,11 +485,24 @@ def targets(summary: dict, args) -> dict:
         return [bool(h < floor and p1 < args.solved_pass_at_1)
                 for h, p1 in zip(method["final_entropy_per_seed"], method["final_pass_at_1_per_seed"])]
 
+    def higher(k: int) -> dict:
+        return {
+            "met": bool(prorl["final_pass_at_k"][k - 1] > grpo["final_pass_at_k"][k - 1]),
+            "prorl": prorl["final_pass_at_k"][k - 1], "grpo": grpo["final_pass_at_k"][k - 1],
+            "initial": initial["pass_at_k"][k - 1],
+            "prorl_learning_rate": prorl["learning_rate"], "grpo_learning_rate": grpo["learning_rate"],
+            "at_each_learning_rate": {method: {lr: s["final_pass_at_k"][k - 1] for lr, s in by_lr[method].items()}
+                                      for method in METHODS},
+        }
+
     prorl_collapsed = collapsed(prorl)
     out = {
         "prorl_entropy_does_not_collapse": {
             "met": not any(prorl_collapsed),
+            "prorl_learning_rate": prorl["learning_rate"], "grpo_learning_rate": grpo["learning_rate"],
             "prorl_collapsed_seeds": sum(prorl_collapsed), "grpo_collapsed_seeds": sum(collapsed(grpo)),
+            "collapsed_seeds_at_each_learning_rate": {method: {lr: sum(collapsed(s)) for lr, s in by_lr[method].items()}
+                                                      for method in METHODS},
             "prorl_final_entropy_per_seed": prorl["final_entropy_per_seed"],
             "grpo_final_entropy_per_seed": grpo["final_entropy_per_seed"],
             "prorl_final_entropy": prorl["final_entropy"], "grpo_final_entropy": grpo["final_entropy"],
@@ -442,16 +511,8 @@ def targets(summary: dict, args) -> dict:
                           f"its pass@1 < {args.solved_pass_at_1} (below that entropy with pass@1 at or above it, "
                           "the single right answer is being learned, not a collapse)",
         },
-        "prorl_higher_final_pass_at_1": {
-            "met": bool(prorl["final_pass_at_k"][0] > grpo["final_pass_at_k"][0]),
-            "prorl": prorl["final_pass_at_k"][0], "grpo": grpo["final_pass_at_k"][0],
-            "initial": initial["pass_at_k"][0],
-        },
-        "prorl_higher_final_pass_at_16": {
-            "met": bool(prorl["final_pass_at_k"][15] > grpo["final_pass_at_k"][15]),
-            "prorl": prorl["final_pass_at_k"][15], "grpo": grpo["final_pass_at_k"][15],
-            "initial": initial["pass_at_k"][15],
-        },
+        "prorl_higher_final_pass_at_1": higher(1),
+        "prorl_higher_final_pass_at_16": higher(16),
         "refill_overhead_reported": {
             "met": True,
             "refill_share_of_prorl_step_time": prorl["refill_share_of_step_time"],
@@ -465,14 +526,58 @@ def targets(summary: dict, args) -> dict:
     return out
 
 
+def finish_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def plot_grid(axes, report: dict) -> None:
+    """Panels (e) and (f): final pass@k and per-seed entropy over each method's learning-rate grid."""
+    summary = report["summary"]
+    by_lr = summary["by_learning_rate"]
+    ax = axes[0]
+    for method in METHODS:
+        rates = sorted(by_lr[method], key=float)
+        for k, style in ((1, "-"), (16, "--")):
+            ax.plot([float(lr) for lr in rates], [by_lr[method][lr]["final_pass_at_k"][k - 1] for lr in rates], style,
+                    color=COLORS[method], marker="o", ms=4, label=f"{LABELS[method]} pass@{k}")
+        chosen = summary[method]
+        ax.scatter([chosen["learning_rate"]], [chosen["final_pass_at_k"][0]], s=140, facecolors="none",
+                   edgecolors=COLORS[method], linewidths=2)
+    ax.set_xscale("log")
+    finish_axes(ax, "learning rate (constant)", "final pass@k (mean over seeds)",
+                "(e) learning-rate grid; circled: each method's selected rate")
+
+    ax = axes[1]
+    collapsed = report["targets"]["prorl_entropy_does_not_collapse"]["collapsed_seeds_at_each_learning_rate"]
+    for offset, method in zip((0.96, 1.04), METHODS):
+        for lr in sorted(by_lr[method], key=float):
+            seeds = by_lr[method][lr]["final_entropy_per_seed"]
+            ax.scatter([float(lr) * offset] * len(seeds), seeds, color=COLORS[method], s=12, alpha=0.7,
+                       label=LABELS[method] if lr == min(by_lr[method], key=float) else None)
+            ax.text(float(lr) * offset, 0.97, f"{collapsed[method][lr]} collapsed", transform=ax.get_xaxis_transform(),
+                    fontsize=7, color=COLORS[method], ha="center", va="top", rotation=90)
+    ax.axhline(report["targets"]["prorl_entropy_does_not_collapse"]["floor"], color="tab:red", ls=":", lw=1,
+               label="collapse floor")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.35 * max(max(s["final_entropy_per_seed"]) for by in by_lr.values() for s in by.values()))
+    finish_axes(ax, "learning rate (constant)", "final entropy per seed", "(f) final entropy per seed over the grid")
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs, summary = report["runs"], report["summary"]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    summary = report["summary"]
+    # Panels (a)-(d): each method at its selected learning rate; (e)-(f), when some method ran several: the grid.
+    runs = {m: report["runs"][m][lr_key(summary["selected_learning_rate"][m])] for m in METHODS}
+    label = {m: f"{LABELS[m]}, lr {summary['selected_learning_rate'][m]:g}" for m in METHODS}
+    by_lr = summary["by_learning_rate"]
+    several_rates = any(len(by_lr[m]) > 1 for m in METHODS)
+    fig, axes = plt.subplots(2, 3 if several_rates else 2, figsize=(19 if several_rates else 13, 9))
 
     def curve(method, key):
         series = [r["evals"] for r in runs[method].values()]
@@ -484,29 +589,23 @@ def plot(report: dict, path: Path) -> None:
     for method in METHODS:
         for k, style in ((1, "-"), (16, "--")):
             x, y, lo, hi = curve(method, lambda e, k=k: e["pass_at_k"][k - 1])
-            ax.plot(x, y, style, color=COLORS[method], marker="o", ms=3, label=f"{LABELS[method]} pass@{k}")
+            ax.plot(x, y, style, color=COLORS[method], marker="o", ms=3, label=f"{label[method]} pass@{k}")
             if len(runs[method]) > 1:
                 ax.fill_between(x, lo, hi, color=COLORS[method], alpha=0.1)
-    ax.set_xlabel("generated samples (refill included)")
-    ax.set_ylabel("pass@k on held-out prompts")
-    ax.set_title("(a) pass@1 and pass@16 over training, same sample budget")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    finish_axes(ax, "generated samples (refill included)", "pass@k on held-out prompts",
+                "(a) pass@1 and pass@16 over training, same sample budget")
 
     ax = axes[0, 1]
     for method in METHODS:
         x, y, lo, hi = curve(method, lambda e: e["entropy"])
-        ax.plot(x, y, color=COLORS[method], marker="o", ms=3, label=LABELS[method])
+        ax.plot(x, y, color=COLORS[method], marker="o", ms=3, label=label[method])
         if len(runs[method]) > 1:
             ax.fill_between(x, lo, hi, color=COLORS[method], alpha=0.1)
     ax.axhline(report["targets"]["prorl_entropy_does_not_collapse"]["floor"], color="tab:red", ls=":", lw=1,
                label=f"collapse floor ({report['config']['entropy_floor']} x initial; counts while pass@1 < "
                      f"{report['config']['solved_pass_at_1']})")
-    ax.set_xlabel("generated samples")
-    ax.set_ylabel(f"per-token entropy of own samples (T={report['config']['eval_temperature']})")
-    ax.set_title("(b) policy entropy")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    finish_axes(ax, "generated samples",
+                f"per-token entropy of own samples (T={report['config']['eval_temperature']})", "(b) policy entropy")
 
     ax = axes[1, 0]
     ax.plot(K_VALUES, summary["initial"]["pass_at_k"], color=COLORS["initial"], ls=":", marker=".",
@@ -514,14 +613,10 @@ def plot(report: dict, path: Path) -> None:
     for method in METHODS:
         ax.errorbar(K_VALUES, summary[method]["final_pass_at_k"],
                     yerr=summary[method]["final_pass_at_k_std_over_seeds"],
-                    color=COLORS[method], marker="o", ms=3, capsize=2, label=f"{LABELS[method]} (final)")
+                    color=COLORS[method], marker="o", ms=3, capsize=2, label=f"{label[method]} (final)")
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "16"])
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k")
-    ax.set_title("(c) final pass@k, k = 1..16 (mean +- std over seeds)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    finish_axes(ax, "k", "pass@k", "(c) final pass@k, k = 1..16 (mean +- std over seeds)")
 
     ax = axes[1, 1]
     g, p = summary["grpo"], summary["prorl"]
@@ -544,9 +639,14 @@ def plot(report: dict, path: Path) -> None:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, axis="y")
 
+    if several_rates:
+        plot_grid(axes[:, 2], report)
+
     cfg = report["config"]
     fig.suptitle(f"ProRL vs GRPO on the demo {cfg['task']} task: {cfg['samples']} generated samples per run, "
-                 f"{len(cfg['seeds'])} seed(s), CPU", fontsize=12)
+                 f"{len(cfg['seeds'])} seed(s), learning rates "
+                 + "; ".join(f"{m} {', '.join(f'{lr:g}' for lr in cfg['learning_rates'][m])}" for m in METHODS)
+                 + ", CPU", fontsize=12)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=110, format="png")
@@ -555,36 +655,88 @@ def plot(report: dict, path: Path) -> None:
 
 
 def run_job(job) -> tuple:
-    """One (method, seed) run in a worker process; task_name() registers a --length/--alphabet variant there too."""
-    method, seed, args, initial = job
+    """One (method, lr, seed) run in a worker process; task_name() registers a --length/--alphabet variant there too."""
+    method, lr, seed, args, initial = job
     evaluator = worker_evaluator(args.threads, lambda: Evaluator(task_name(args), args))
-    return method, seed, run(method, seed, args, evaluator, initial,
-                             lambda msg: print(f"[worker {os.getpid()}] {msg}", flush=True))
+    return method, lr, seed, run(method, lr, seed, args, evaluator, initial,
+                                 lambda msg: print(f"[worker {os.getpid()}] {msg}", flush=True))
 
 
 def run_jobs(jobs: list, workers: int, evaluator, log):
-    """Yields (method, seed, record) as runs finish: in this process, or `workers` at a time in spawned processes.
+    """Yields (method, lr, seed, record) as runs finish: in this process, or `workers` at a time in spawned processes.
 
     Runs are deterministic per seed either way; parallel runs share the CPU, so their step times carry that noise
     (the refill share is a ratio within one run and is less affected)."""
     if workers <= 1:
-        for method, seed, args, initial in jobs:
-            yield method, seed, run(method, seed, args, evaluator, initial, log)
+        for method, lr, seed, args, initial in jobs:
+            yield method, lr, seed, run(method, lr, seed, args, evaluator, initial, log)
         return
     yield from map_in_processes(run_job, jobs, workers)
 
 
-def rescore(path: Path, args) -> int:
-    """--from-json: the summary, targets and plot of a saved run, recomputed (the initial student is the runs' own)."""
+# Config entries that may differ between saved runs that are merged: what ran (rates, seeds), how many at a time,
+# scoring flags re-applied here, and the prose descriptions of the methods and of pass@k.
+MERGEABLE_CONFIG = ("learning_rate", "learning_rates", "seeds", "workers", "entropy_floor", "solved_pass_at_1",
+                    "methods", "pass_at_k")
+
+
+def load_runs(path: Path) -> tuple[dict, dict]:
+    """A saved report and its runs as {method: {lr: {seed: record}}}; files written before the learning-rate grid
+    keyed runs by seed only, under config["learning_rate"]."""
     report = json.loads(path.read_text())
-    runs = {method: dict(sorted(report["runs"][method].items(), key=lambda item: int(item[0])))
+    runs = report["runs"]
+    if any("evals" in record for by_key in runs.values() for record in by_key.values()):
+        runs = {method: {lr_key(report["config"]["learning_rate"]): by_seed} for method, by_seed in runs.items()}
+    return report, runs
+
+
+def rescore(paths: list[Path], out: Path, args) -> int:
+    """--from-json: the summary, targets and plot of saved runs, recomputed (the initial student is the runs' own).
+
+    Several files are merged when they were run with the same settings apart from MERGEABLE_CONFIG; runs are
+    deterministic per (method, lr, seed), so a merge scores what one invocation over the union would (step times
+    aside, which carry each invocation's CPU load)."""
+    def source(path: Path, saved: dict) -> dict:
+        return {"file": str(path), **{k: saved.get(k) for k in ("command", "created", "runtime_seconds")}}
+
+    report, runs = load_runs(paths[0])
+    sources = [source(paths[0], report)]
+    fixed = {k: v for k, v in report["config"].items() if k not in MERGEABLE_CONFIG}
+    for path in paths[1:]:
+        other, other_runs = load_runs(path)
+        differing = sorted(k for k in set(fixed) | set(other["config"])
+                           if k not in MERGEABLE_CONFIG and fixed.get(k) != other["config"].get(k))
+        if differing:
+            raise SystemExit(f"--from-json: {path} was run with other settings ({', '.join(differing)}); "
+                             f"only runs that differ in {MERGEABLE_CONFIG} can be merged")
+        for method, by_lr in other_runs.items():
+            for lr, by_seed in by_lr.items():
+                twice = set(by_seed) & set(runs.get(method, {}).get(lr, {}))
+                if twice:
+                    raise SystemExit(f"--from-json: {method} at lr {lr} seeds {sorted(twice)} are in two files")
+                runs.setdefault(method, {}).setdefault(lr, {}).update(by_seed)
+        sources.append(source(path, other))
+    runs = {method: {lr: dict(sorted(by_seed.items(), key=lambda item: int(item[0])))
+                     for lr, by_seed in sorted(runs[method].items(), key=lambda item: float(item[0])) if by_seed}
             for method in METHODS}
-    initial = mean_initial([r["evals"][0] for by_seed in runs.values() for r in by_seed.values()])
-    report["config"].update(entropy_floor=args.entropy_floor, solved_pass_at_1=args.solved_pass_at_1)
+    if len(paths) > 1:
+        report["merged_from"] = sources
+        # A merged file's commands (a list) are the invocations that made its runs, merged files flattened.
+        report["command"] = [command for s in sources
+                             for command in (s["command"] if isinstance(s["command"], list) else [s["command"]])]
+        report.pop("runtime_seconds", None)  # each source's is kept in merged_from
+    report["runs"] = runs
+    initial = mean_initial([r["evals"][0] for by_lr in runs.values() for by_seed in by_lr.values()
+                            for r in by_seed.values()])
+    report["config"].pop("learning_rate", None)
+    report["config"].update(entropy_floor=args.entropy_floor, solved_pass_at_1=args.solved_pass_at_1,
+                            learning_rates={m: sorted(float(lr) for lr in runs[m]) for m in METHODS},
+                            seeds=sorted({int(seed) for by_lr in runs.values() for by_seed in by_lr.values()
+                                          for seed in by_seed}))
     report["summary"] = summarize(runs, initial)
     report["targets"] = targets(report["summary"], args)
-    write_json(report, path)
-    plot(report, path.with_suffix(".png"))
+    write_json(report, out)
+    plot(report, out.with_suffix(".png"))
     print(json.dumps(round_floats(report["targets"]), indent=1))
     return 0
 
@@ -592,7 +744,7 @@ def rescore(path: Path, args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        return rescore(Path(args.from_json), args)
+        return rescore([Path(f) for f in args.from_json], Path(args.rescore_to or args.from_json[0]), args)
     torch.set_num_threads(args.threads)
     quiet()
     started = time.perf_counter()
@@ -617,7 +769,7 @@ def main(argv=None) -> int:
             "task": args.task_name, "student_steps": args.student_steps, "reward": args.reward,
             "samples": args.samples, "seeds": args.seed_list,
             "batch": args.batch,
-            "num_generations": args.num_generations, "learning_rate": args.learning_rate,
+            "num_generations": args.num_generations, "learning_rates": args.lr_grid,
             "steps_per_generation": args.steps_per_generation,
             "reset_every": args.reset_every, "prorl_overrides": args.prorl_overrides, "evals": args.evals,
             "eval_prompts": args.eval_prompts,
@@ -626,23 +778,24 @@ def main(argv=None) -> int:
             "quick": args.quick, "student": student,
             "methods": {
                 "grpo": "trl.GRPOTrainer, GRPOConfig defaults for the recipe (epsilon=0.2, beta=0, temperature=1.0, "
-                        "loss_type='dapo'), same batch/lr/constant schedule",
+                        "loss_type='dapo'), same batch, learning-rate grid, constant schedule",
                 "prorl": "trl_ext.ProRLTrainer, ProRLConfig defaults (epsilon 0.2/0.4, beta=1e-4, temperature=1.2, "
                          "dynamic_sampling='refill', max 10 rounds) + ref_reset_steps=reset_every + prorl_overrides",
             },
             "pass_at_k": "unbiased estimator from eval_n samples per held-out prompt, exact-match success",
         },
     }
-    runs = {method: {} for method in METHODS}
+    runs = {method: {lr_key(lr): {} for lr in args.lr_grid[method]} for method in METHODS}
     initial_by_seed = {}
     for seed in args.seed_list:
         initial_by_seed[seed] = evaluator(AutoModelForCausalLM.from_pretrained(student), seed=seed)
         log(f"initial student (seed {seed}): pass@1 {initial_by_seed[seed]['pass_at_k'][0]:.3f}, pass@16 "
             f"{initial_by_seed[seed]['pass_at_k'][15]:.3f}, entropy {initial_by_seed[seed]['entropy']:.3f}")
-    jobs = [(method, seed, args, initial_by_seed[seed]) for seed in args.seed_list for method in args.method_list]
-    for method, seed, record in run_jobs(jobs, args.workers, evaluator, log):
-        runs[method][seed] = record
-        runs = {m: dict(sorted(by_seed.items())) for m, by_seed in runs.items()}  # seed order, as they finish
+    jobs = [(method, lr, seed, args, initial_by_seed[seed])
+            for seed in args.seed_list for method in args.method_list for lr in args.lr_grid[method]]
+    for method, lr, seed, record in run_jobs(jobs, args.workers, evaluator, log):
+        runs[method][lr_key(lr)][seed] = record
+        runs[method][lr_key(lr)] = dict(sorted(runs[method][lr_key(lr)].items()))  # seed order, as they finish
         report["runs"] = runs
         write_json(report, out_dir / f"{RESULT_NAME}.json")  # partial results survive an interruption
     initial = mean_initial([initial_by_seed[s] for s in args.seed_list])
@@ -657,10 +810,11 @@ def main(argv=None) -> int:
 
     s = report["summary"]
     for method in METHODS:
-        m = s[method]
-        log(f"{method:6s} final pass@1 {m['final_pass_at_k'][0]:.3f}, pass@4 {m['final_pass_at_k'][3]:.3f}, pass@16 "
-            f"{m['final_pass_at_k'][15]:.3f}, entropy {m['final_entropy']:.3f}, {m['steps']:.0f} steps, "
-            f"{1e3 * m['mean_step_seconds']:.0f} ms/step")
+        for lr, m in s["by_learning_rate"][method].items():
+            chosen = " (selected)" if float(lr) == s["selected_learning_rate"][method] else ""
+            log(f"{method:6s} lr {lr}{chosen}: final pass@1 {m['final_pass_at_k'][0]:.3f}, pass@4 "
+                f"{m['final_pass_at_k'][3]:.3f}, pass@16 {m['final_pass_at_k'][15]:.3f}, entropy "
+                f"{m['final_entropy']:.3f}, {m['steps']:.0f} steps, {1e3 * m['mean_step_seconds']:.0f} ms/step")
     p = s["prorl"]
     log(f"refill: {p['mean_generation_rounds_per_rollout']:.2f} rounds/rollout, "
         f"{100 * p['refill_share_of_step_time']:.0f}% "
