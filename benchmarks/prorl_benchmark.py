@@ -468,7 +468,6 @@ def summarize(runs: dict, initial: dict) -> dict:
                 for m in METHODS}
     out = {m: {"learning_rate": float(selected[m]), **by_lr[m][selected[m]]} for m in METHODS}
     out["by_learning_rate"] = by_lr
-    out["selected_learning_rate"] = {m: float(lr) for m, lr in selected.items()}
     out["initial"] = {"pass_at_k": initial["pass_at_k"], "entropy": initial["entropy"], "reward": initial["reward"]}
     return out
 
@@ -573,8 +572,8 @@ def plot(report: dict, path: Path) -> None:
 
     summary = report["summary"]
     # Panels (a)-(d): each method at its selected learning rate; (e)-(f), when some method ran several: the grid.
-    runs = {m: report["runs"][m][lr_key(summary["selected_learning_rate"][m])] for m in METHODS}
-    label = {m: f"{LABELS[m]}, lr {summary['selected_learning_rate'][m]:g}" for m in METHODS}
+    runs = {m: report["runs"][m][lr_key(summary[m]["learning_rate"])] for m in METHODS}
+    label = {m: f"{LABELS[m]}, lr {summary[m]['learning_rate']:g}" for m in METHODS}
     by_lr = summary["by_learning_rate"]
     several_rates = any(len(by_lr[m]) > 1 for m in METHODS)
     fig, axes = plt.subplots(2, 3 if several_rates else 2, figsize=(19 if several_rates else 13, 9))
@@ -811,7 +810,7 @@ def main(argv=None) -> int:
     s = report["summary"]
     for method in METHODS:
         for lr, m in s["by_learning_rate"][method].items():
-            chosen = " (selected)" if float(lr) == s["selected_learning_rate"][method] else ""
+            chosen = " (selected)" if float(lr) == s[method]["learning_rate"] else ""
             log(f"{method:6s} lr {lr}{chosen}: final pass@1 {m['final_pass_at_k'][0]:.3f}, pass@4 "
                 f"{m['final_pass_at_k'][3]:.3f}, pass@16 {m['final_pass_at_k'][15]:.3f}, entropy "
                 f"{m['final_entropy']:.3f}, {m['steps']:.0f} steps, {1e3 * m['mean_step_seconds']:.0f} ms/step")
