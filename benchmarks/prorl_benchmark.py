@@ -679,6 +679,15 @@ MERGEABLE_CONFIG = ("learning_rate", "learning_rates", "seeds", "workers", "entr
                     "methods", "pass_at_k")
 
 
+def in_order(runs: dict) -> dict:
+    """{method: {lr: {seed: record}}} with every method, rates ascending, seeds ascending and no empty cell (seeds
+    are ints in a run, strings once read back from JSON)."""
+    return {method: {lr: dict(sorted(by_seed.items(), key=lambda item: int(item[0])))
+                     for lr, by_seed in sorted(runs.get(method, {}).items(), key=lambda item: float(item[0]))
+                     if by_seed}
+            for method in METHODS}
+
+
 def load_runs(path: Path) -> tuple[dict, dict]:
     """A saved report and its runs as {method: {lr: {seed: record}}}; files written before the learning-rate grid
     keyed runs by seed only, under config["learning_rate"]."""
@@ -715,9 +724,7 @@ def rescore(paths: list[Path], out: Path, args) -> int:
                     raise SystemExit(f"--from-json: {method} at lr {lr} seeds {sorted(twice)} are in two files")
                 runs.setdefault(method, {}).setdefault(lr, {}).update(by_seed)
         sources.append(source(path, other))
-    runs = {method: {lr: dict(sorted(by_seed.items(), key=lambda item: int(item[0])))
-                     for lr, by_seed in sorted(runs[method].items(), key=lambda item: float(item[0])) if by_seed}
-            for method in METHODS}
+    runs = in_order(runs)
     if len(paths) > 1:
         report["merged_from"] = sources
         # A merged file's commands (a list) are the invocations that made its runs, merged files flattened.
@@ -784,7 +791,7 @@ def main(argv=None) -> int:
             "pass_at_k": "unbiased estimator from eval_n samples per held-out prompt, exact-match success",
         },
     }
-    runs = {method: {lr_key(lr): {} for lr in args.lr_grid[method]} for method in METHODS}
+    runs = {}
     initial_by_seed = {}
     for seed in args.seed_list:
         initial_by_seed[seed] = evaluator(AutoModelForCausalLM.from_pretrained(student), seed=seed)
@@ -793,8 +800,8 @@ def main(argv=None) -> int:
     jobs = [(method, lr, seed, args, initial_by_seed[seed])
             for seed in args.seed_list for method in args.method_list for lr in args.lr_grid[method]]
     for method, lr, seed, record in run_jobs(jobs, args.workers, evaluator, log):
-        runs[method][lr_key(lr)][seed] = record
-        runs[method][lr_key(lr)] = dict(sorted(runs[method][lr_key(lr)].items()))  # seed order, as they finish
+        runs.setdefault(method, {}).setdefault(lr_key(lr), {})[seed] = record
+        runs = in_order(runs)  # runs finish in any order
         report["runs"] = runs
         write_json(report, out_dir / f"{RESULT_NAME}.json")  # partial results survive an interruption
     initial = mean_initial([initial_by_seed[s] for s in args.seed_list])
