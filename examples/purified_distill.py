@@ -11,11 +11,12 @@ on which prompt (a few minutes on CPU; the teachers are SFT-trained once and cac
     accelerate launch examples/purified_distill.py
     accelerate launch examples/purified_distill.py --purification none          # the naive averaging baseline
 
-Real models (every teacher must share the student's vocabulary):
+Real models (every teacher must share the student's vocabulary, so take them from the student's family: Qwen3's
+tokenizer adds tokens that Qwen2.5's lacks, and a mismatch is refused at construction):
 
     accelerate launch --config_file examples/accelerate_configs/deepspeed_zero3.yaml examples/purified_distill.py \
         --model_name_or_path Qwen/Qwen3-0.6B \
-        --teacher_model_names_or_paths Qwen/Qwen3-4B Qwen/Qwen3-8B Qwen/Qwen2.5-Math-7B-Instruct \
+        --teacher_model_names_or_paths Qwen/Qwen3-1.7B Qwen/Qwen3-4B Qwen/Qwen3-8B \
         --purification similarity_router --dataset_name trl-lib/DeepMath-103K \
         --reward_funcs trl.rewards.accuracy_reward --per_device_train_batch_size 8 --num_generations 8 \
         --max_completion_length 1024 --learning_rate 1e-6 --use_peft --lora_target_modules q_proj v_proj \

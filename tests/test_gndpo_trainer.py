@@ -190,6 +190,12 @@ def test_bad_config_fails_at_construction(tmp_path, overrides, message):
         cpu_config(GNDPOConfig, tmp_path, **overrides)
 
 
+def test_reward_advantage_weight_needs_a_reward(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    args = cpu_config(GNDPOConfig, tmp_path, reward_advantage_weight=0.5)
+    with pytest.raises(ValueError, match="reward_advantage_weight=0.5"):
+        GNDPOTrainer(model=student_path, args=args, train_dataset=arithmetic_dataset, teacher_model=teacher_path)
+
+
 def test_init_kwargs_with_an_instance_teacher_is_an_error(tmp_path, student_path, teacher_path,
                                                           arithmetic_dataset):
     args = cpu_config(GNDPOConfig, tmp_path, teacher_model_init_kwargs={"dtype": "bfloat16"})

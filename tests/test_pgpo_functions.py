@@ -247,6 +247,21 @@ def test_controller_tracks_history_and_round_trips():
     assert [off.multiplier(i) for i in (1.0, 3.0)] == [1.0, 1.0] and off.running_mean == 2.0  # tracked, not applied
 
 
+def test_a_step_without_a_measurement_keeps_the_state_and_the_shrunken_step():
+    ratchet = StepSizeController(0.01, 2.0, beta=0.5, reference="peak", ratchet=True)
+    assert [ratchet.multiplier(i) for i in (1.0, 0.2)] == pytest.approx([1.0, 0.2])  # running mean 1.0, then 0.6
+    state = ratchet.state_dict()
+    # No measurement (None, or a NaN from a degenerate estimate): the running mean stands in for I_k, 0.6 / 1.0,
+    # under the ratchet's cap (also 0.6), and nothing is folded into the state.
+    assert [ratchet.multiplier(i) for i in (None, float("nan"), float("inf"))] == pytest.approx([0.6] * 3)
+    assert ratchet.state_dict() == state
+    assert ratchet.multiplier(1.0) == pytest.approx(0.6)  # the ratchet still holds: a NaN did not erase it
+    running = StepSizeController(0.5, 2.0, beta=0.5)
+    assert running.multiplier(None) == 1.0 and running.running_mean is None  # no history yet
+    running.multiplier(0.4)
+    assert running.multiplier(float("nan")) == 1.0 and running.running_mean == 0.4  # its own mean: a neutral step
+
+
 def test_peak_reference_keeps_shrinking_steps_while_information_drains():
     running = StepSizeController(0.1, 2.0, beta=0.5, reference="running")
     peak = StepSizeController(0.1, 2.0, beta=0.5, reference="peak")

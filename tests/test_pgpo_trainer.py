@@ -257,6 +257,27 @@ def test_initial_and_live_teachers(tmp_path, student_path, arithmetic_dataset):
         assert scorer is live.model and not torch.is_grad_enabled()
 
 
+@pytest.mark.parametrize("kind", ["ema", "live"])
+def test_the_policy_scores_as_teacher_without_dropout(tmp_path, student_path, arithmetic_dataset, kind):
+    """The LoRA teacher adapter inherits lora_dropout, and the live teacher is the training policy: their targets
+    must not be noisy, and the policy must go back to train mode."""
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = make(tmp_path, student_path, arithmetic_dataset, peft_config=lora, teacher_model_kind=kind)
+    with torch.no_grad():  # non-zero LoRA branches, so that dropout on them would change the logits
+        for name, param in trainer.model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.5)
+    trainer.model.train()
+    ids = torch.randint(5, 40, (2, 12))
+
+    def teacher_logits():
+        with trainer.self_teacher.scoring(trainer.model) as scorer:
+            return scorer(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+    torch.testing.assert_close(teacher_logits(), teacher_logits(), rtol=0, atol=0)
+    assert trainer.model.training
+
+
 def test_a_full_copy_teacher_starts_from_the_student_in_memory(tmp_path, student_path, arithmetic_dataset):
     """A model changed in memory (e.g. fine-tuned earlier in the same script, never saved) is where the teacher
     starts, not the weights saved at its path; the 'initial' teacher then stays there."""

@@ -106,4 +106,15 @@ def test_bad_input():
                               "teacher_scores": [[1.0, 1.0], [0.0, 0.0]]})
     with pytest.raises(ValueError, match="nothing to route on"):
         purify_rationales(tied, "classifier_router")
+    with pytest.raises(ValueError, match="empty"):
+        purify_rationales(data.select([]), "none")
+    missing = Dataset.from_dict({"prompt": ["a", "b"], "rationales": [["x", "y"], ["z", None]]})
+    with pytest.raises(ValueError, match="Row 1 of 'rationales' has no rationale from teacher 1"):
+        purify_rationales(missing, "similarity_router")
+    blank = Dataset.from_dict({"prompt": ["a"], "rationales": [["  ", "y"]]})
+    with pytest.raises(ValueError, match="Row 0 .* teacher 0"):
+        purify_rationales(blank, "none")
+    gold = data.add_column("completion", ["gold"] * len(data))  # would overwrite the purified rationales
+    with pytest.raises(ValueError, match=r"\['completion'\] would overwrite"):
+        purify_rationales(gold, "similarity_router")
     assert demo  # the demo world is importable alongside (used by the SFT test)

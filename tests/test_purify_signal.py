@@ -9,6 +9,7 @@ from trl_ext.purify.features import hashed_ngram_features, text_token_ids
 from trl_ext.purify.signal import (
     best_teachers,
     choice_accuracy,
+    combined_rewards,
     decisive_prompts,
     mean_conflict,
     ranking_agreement,
@@ -25,6 +26,21 @@ def test_sequence_logps_sum_valid_tokens_only():
     logps = torch.tensor([[-1.0, -2.0, -100.0], [-0.5, -0.5, -0.5]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     torch.testing.assert_close(sequence_logps(logps, mask), torch.tensor([-3.0, -1.5]))
+
+
+def test_rewards_are_combined_as_trl_combines_them():
+    per_func = torch.tensor([[1.0, 0.0], [0.0, 4.0], [float("nan"), float("nan")], [3.0, 1.0]])
+    weights = torch.tensor([1.0, 2.0])
+    summed = combined_rewards(per_func, weights, group_size=2)
+    assert summed[0] == 1.0 and summed[1] == 8.0 and summed[3] == 5.0 and math.isnan(summed[2])
+    # normalize_then_sum: each function standardized within its group (sample std, + 1e-4), then weighted.
+    normalized = combined_rewards(per_func, weights, group_size=2, aggregation="normalize_then_sum")
+    first = 0.5 / (math.sqrt(0.5) + 1e-4)  # function 0 in group 0: rewards 1, 0 -> mean 0.5, std sqrt(0.5)
+    second = 2.0 / (math.sqrt(8.0) + 1e-4)  # function 1 in group 0: rewards 0, 4 -> mean 2, std sqrt(8)
+    torch.testing.assert_close(normalized[:2], torch.tensor([first - 2 * second, -first + 2 * second]))
+    assert math.isnan(normalized[2]) and normalized[3] == 0.0  # alone in its group: no spread, nothing to rank
+    with pytest.raises(ValueError, match="multi_objective_aggregation 'mean'"):
+        combined_rewards(per_func, weights, group_size=2, aggregation="mean")
 
 
 def test_ranking_agreement_by_hand():

@@ -201,7 +201,44 @@ def test_averaging_needs_no_reward_functions(tmp_path, student_path, teachers, a
     assert trainer.state.log_history[0]["purify/choice/teacher_1"] == pytest.approx(1 / 3)
 
 
+def test_rl_selector_rescores_tool_calling_rollouts_as_they_were_scored(tmp_path, student_path, teachers,
+                                                                         arithmetic_dataset, monkeypatch):
+    """The re-scoring forward attends to tool outputs as the first scoring did; only the loss mask drops them. With
+    learning_rate=0 the student does not change, so its measured change of log-likelihood must be zero."""
+    import trl_ext.purify.trainer as purify_trainer
+
+    trainer = make_trainer(tmp_path, student_path, teachers, arithmetic_dataset, "rl_selection", max_steps=2,
+                           learning_rate=0.0)
+    hook = trainer._postprocess_rollout
+
+    def with_tool_output(inputs, rollout):
+        tool_mask = torch.ones_like(rollout["completion_mask"])
+        tool_mask[:, 1:3] = 0  # pretend tokens 1-2 of every completion came from a tool
+        rollout["tool_mask"] = tool_mask
+        return hook(inputs, rollout)
+
+    deltas = []
+    measure = purify_trainer.student_improvement
+
+    def spy(delta, rewards, group_size):
+        deltas.append(delta)
+        return measure(delta, rewards, group_size)
+
+    trainer._postprocess_rollout = with_tool_output
+    monkeypatch.setattr(purify_trainer, "student_improvement", spy)
+    trainer.train()
+    assert deltas, "the RL selector never measured an improvement"
+    torch.testing.assert_close(deltas[0], torch.zeros_like(deltas[0]), atol=1e-4, rtol=0)
+
+
 # ----- bad input -------------------------------------------------------------------------------------------------
+def test_reward_advantage_weight_needs_a_reward(tmp_path, student_path, teachers, arithmetic_dataset):
+    args = cpu_config(PurifiedDistillConfig, tmp_path, purification="none", reward_advantage_weight=0.5)
+    with pytest.raises(ValueError, match="reward_advantage_weight=0.5"):
+        PurifiedDistillTrainer(model=student_path, args=args, train_dataset=arithmetic_dataset,
+                               teacher_models=teachers)
+
+
 def test_empty_teacher_list(tmp_path, student_path, arithmetic_dataset):
     args = cpu_config(PurifiedDistillConfig, tmp_path)
     with pytest.raises(ValueError, match="at least one teacher"):
@@ -263,7 +300,9 @@ def test_grpo_config_is_rejected(tmp_path, student_path, teacher_path, arithmeti
         ({"router_memory_size": 0}, "router_memory_size"),
         ({"similarity_neighbors": 0}, "similarity_neighbors"),
         ({"router_ngram_order": 6}, "router_ngram_order"),
-        ({"router_min_examples": -1}, "router_min_examples"),
+        ({"router_min_examples": 0}, "router_min_examples"),
+        ({"plackett_luce_gamma": 1.0}, "plackett_luce_gamma"),
+        ({"purification": "none", "router_features": "teacher_hidden"}, "reads no prompt features"),
         ({"rl_learning_rate": 0.0}, "rl_learning_rate"),
         ({"rl_evidence_prior": float("nan")}, "rl_evidence_prior"),
         ({"purification": "rl_selection", "rl_signal_in_state": False}, "rl_evidence_prior=30.0"),

@@ -31,6 +31,20 @@ def zero_reward(completions, **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
+def distillation_reward_funcs(reward_funcs, environment_factory, reward_advantage_weight: float):
+    """The reward source of a distillation trainer: the user's, or `zero_reward` when it has none (GRPOTrainer
+    needs one). Mixing the reward advantage in (`reward_advantage_weight`) needs a real reward."""
+    if reward_funcs is not None or environment_factory is not None:
+        return reward_funcs
+    if reward_advantage_weight:
+        raise ValueError(
+            f"`reward_advantage_weight={reward_advantage_weight}` adds GRPO's reward advantage to the distillation "
+            "advantage, but no `reward_funcs` were given, so it would add nothing. Pass reward functions, or set "
+            "reward_advantage_weight=0."
+        )
+    return [zero_reward]
+
+
 def resolve_config(model, args, config_cls: type, trainer_name: str):
     """The trainer's config: `args` checked to be a `config_cls`, or a default one named after the model, as
     GRPOTrainer does (`<model>-<method>`)."""

@@ -7,7 +7,13 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from ..core import ExtGRPOTrainer, check_teacher_vocabulary, load_teacher, prepare_teacher, zero_reward
+from ..core import (
+    ExtGRPOTrainer,
+    check_teacher_vocabulary,
+    distillation_reward_funcs,
+    load_teacher,
+    prepare_teacher,
+)
 from ..core.trainer import resolve_config
 from ..core.teachers import given_once, teacher_display_name
 from .advantages import GNDPOAdvantages, gndpo_advantages
@@ -74,8 +80,7 @@ class GNDPOTrainer(ExtGRPOTrainer):
         # Checked from the configs and tokenizers, before any weights are loaded.
         check_teacher_vocabulary(model, {f"teacher {teacher_display_name(teacher)!r}": teacher},
                                  trust_remote_code=args.trust_remote_code, student_tokenizer=processing_class)
-        if reward_funcs is None and environment_factory is None:
-            reward_funcs = [zero_reward]  # GRPOTrainer needs a reward source; GNDPO's advantage needs none.
+        reward_funcs = distillation_reward_funcs(reward_funcs, environment_factory, args.reward_advantage_weight)
 
         super().__init__(
             model=model,

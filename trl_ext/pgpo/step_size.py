@@ -60,16 +60,19 @@ class StepSizeController:
         self.steps = 0
 
     def multiplier(self, information: float | None) -> float:
-        """m_k for a step with information `information` (None: the step had no distillation tokens), then update.
+        """m_k for a step with information `information`, then update the state.
 
+        None (or a non-finite value) means the step has no measurement: no distillation tokens, or an estimator
+        undefined on it (`verified` when every completion with a context got the same verdict, typical of a
+        collapsing student). Such a step leaves the state alone and moves at the multiplier the state implies now,
+        its running mean standing in for I_k (1 with the "running" reference), under the ratchet's cap: the step
+        is not allowed back to full size just because nothing was measured.
         When disabled (plain SDPO), I_k is still tracked for logging and the multiplier is 1.
         """
-        if information is None:
-            return 1.0
-        reference = self.peak_mean if self.reference == "peak" else self.running_mean
-        m = step_size_multiplier(information, reference, self.low, self.high, self.power)
-        if self.ratchet and self.trough_mean is not None:
-            m = min(m, step_size_multiplier(self.trough_mean, self.peak_mean, self.low, self.high, self.power))
+        if information is None or not math.isfinite(information):
+            m = 1.0 if self.running_mean is None else self._bounded(self.running_mean)
+            return m if self.enabled else 1.0
+        m = self._bounded(information)
         self.running_mean = update_running_mean(self.running_mean, information, self.beta)
         if self.peak_mean is None or self.running_mean >= self.peak_mean:
             self.peak_mean = self.trough_mean = self.running_mean
@@ -77,6 +80,14 @@ class StepSizeController:
             self.trough_mean = min(self.trough_mean, self.running_mean)
         self.steps += 1
         return m if self.enabled else 1.0
+
+    def _bounded(self, information: float) -> float:
+        """The multiplier for `information` against the reference, capped by the ratchet."""
+        reference = self.peak_mean if self.reference == "peak" else self.running_mean
+        m = step_size_multiplier(information, reference, self.low, self.high, self.power)
+        if self.ratchet and self.trough_mean is not None:
+            m = min(m, step_size_multiplier(self.trough_mean, self.peak_mean, self.low, self.high, self.power))
+        return m
 
     def state_dict(self) -> dict[str, Any]:
         return {"running_mean": self.running_mean, "peak_mean": self.peak_mean, "trough_mean": self.trough_mean,

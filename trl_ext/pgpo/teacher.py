@@ -75,13 +75,21 @@ class SelfTeacher:
     def scoring(self, model):
         """Yield the module that scores teacher prompts; `model` is the (wrapped) policy being trained."""
         with torch.no_grad():
-            if self.copy is not None:
+            if self.copy is not None:  # frozen and in eval mode since load_teacher
                 yield self.copy
-            elif self.adapter_pairs:
-                with _compat.use_adapter(self.accelerator.unwrap_model(model), TEACHER_ADAPTER):
+                return
+            # The policy scores in eval mode: a teacher's targets must not carry the student's dropout (or LoRA
+            # dropout, which the teacher adapter inherits).
+            training = model.training
+            model.eval()
+            try:
+                if self.adapter_pairs:
+                    with _compat.use_adapter(self.accelerator.unwrap_model(model), TEACHER_ADAPTER):
+                        yield model
+                else:
                     yield model
-            else:
-                yield model
+            finally:
+                model.train(training)
 
     @torch.no_grad()
     def update(self, model) -> None:

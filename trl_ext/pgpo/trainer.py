@@ -138,6 +138,7 @@ class PGPOTrainer(ExtGRPOTrainer):
         self.register_state("step_size", self.step_size)
         self._step_statistics: torch.Tensor | None = None
         self._scheduled_learning_rates: list[float] | None = None
+        self._modulated_learning_rates: list[float] | None = None
         self.last_contexts = None  # the latest generation batch's ContextAssignment (all processes), for inspection
         self.last_step_size: dict[str, float | None] | None = None  # the latest step's I_k and m_k
         self.add_callback(_StepCallback(self))
@@ -301,6 +302,7 @@ class PGPOTrainer(ExtGRPOTrainer):
         self._scheduled_learning_rates = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["lr"] = group["lr"] * multiplier
+        self._modulated_learning_rates = [group["lr"] for group in self.optimizer.param_groups]
 
         self.last_step_size = {"information": information, "multiplier": multiplier}  # for inspection
         self.log_metric("multiplier", multiplier)
@@ -318,9 +320,13 @@ class PGPOTrainer(ExtGRPOTrainer):
     def _restore_learning_rates(self) -> None:
         if self._scheduled_learning_rates is None:
             return
-        for group, lr in zip(self.optimizer.param_groups, self._scheduled_learning_rates):
-            group["lr"] = lr
-        self._scheduled_learning_rates = None
+        for group, lr, modulated in zip(self.optimizer.param_groups, self._scheduled_learning_rates,
+                                        self._modulated_learning_rates):
+            # A scheduler that stepped in between (DeepSpeed's own steps inside backward) has already set the next
+            # step's rate: keep it rather than rewind the schedule.
+            if group["lr"] == modulated:
+                group["lr"] = lr
+        self._scheduled_learning_rates = self._modulated_learning_rates = None
 
 
 def _check_feedback_column(dataset, args: PGPOConfig) -> None:

@@ -15,6 +15,7 @@ from .methods import PURIFICATIONS, RouterSettings
 
 # Methods that need the verifiable reward (they read or learn from the signal, or the student's improvement).
 NEEDS_REWARD = ("aggregation", "plackett_luce", "classifier_router", "similarity_router", "rl_selection")
+FEATURELESS = ("none", "aggregation")  # decide from the teachers' outputs alone, never from the prompt's features
 
 
 @dataclass
@@ -108,7 +109,7 @@ class PurifiedDistillConfig(GRPOConfig):
         default=16,
         metadata={
             "help": "Routers average all teachers until they have learned from this many decisive prompts "
-            "(logged as purify/fallback_fraction)."
+            "(logged as purify/fallback_fraction); at least 1."
         },
     )
     similarity_neighbors: int = field(
@@ -119,7 +120,8 @@ class PurifiedDistillConfig(GRPOConfig):
         metadata={
             "help": "plackett_luce: similarity weights gamma^(1 + cos) (RouteLLM's form; it uses gamma = 10 on its "
             "embeddings). Larger = more local. 1000 is our choice [I]: with the n-gram router features, the purify "
-            "benchmark's in-domain student reward was 0.333 at 10 (level with averaging), 0.387 at 100, 0.400 at 1000."
+            "benchmark's in-domain student reward was 0.333 at 10 (level with averaging), 0.387 at 100, 0.400 at 1000. "
+            "Must be > 1 (at 1 the weights are uniform)."
         },
     )
     plackett_luce_steps: int = field(
@@ -205,7 +207,7 @@ class PurifiedDistillConfig(GRPOConfig):
             "router_feature_dim": self.router_feature_dim, "router_memory_size": self.router_memory_size,
             "similarity_neighbors": self.similarity_neighbors, "plackett_luce_steps": self.plackett_luce_steps,
             "classifier_hidden_size": self.classifier_hidden_size, "classifier_steps": self.classifier_steps,
-            "classifier_batch_size": self.classifier_batch_size,
+            "classifier_batch_size": self.classifier_batch_size, "router_min_examples": self.router_min_examples,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -222,7 +224,17 @@ class PurifiedDistillConfig(GRPOConfig):
                 f"`rl_evidence_prior={self.rl_evidence_prior}` weights the evidence in the RL policy's state, but "
                 "`rl_signal_in_state=False` leaves the evidence out: set rl_evidence_prior=0 or rl_signal_in_state=True."
             )
-        for name in ("router_min_examples", "rl_entropy_coef", "reward_advantage_weight"):
+        if not self.plackett_luce_gamma > 1:
+            raise ValueError(
+                f"`plackett_luce_gamma` must be > 1, got {self.plackett_luce_gamma}: the weights gamma^(1 + cos) are "
+                "uniform at 1 and favour the least similar prompts below it. Use e.g. 10 (RouteLLM) or 1000 (ours)."
+            )
+        if self.router_features == "teacher_hidden" and self.purification in FEATURELESS:
+            raise ValueError(
+                f"`router_features='teacher_hidden'` costs an extra teacher pass over every prompt, but "
+                f"purification={self.purification!r} reads no prompt features. Leave router_features='ngram'."
+            )
+        for name in ("rl_entropy_coef", "reward_advantage_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not 0 <= self.rl_exploration < 1:

@@ -4,7 +4,8 @@ Input: a `datasets.Dataset` with a prompt column (text or conversational), a col
 (one list per row, teachers always in the same order) and, for the learning methods, a column with each teacher's
 score on the question: the paper's signal, the correctness of the teacher's own answer (1/0, or any score in
 [0, 1]; None = unknown). Output: prompt-completion rows (`prompt`, `completion`, `teacher`) that TRL's
-`SFTTrainer` trains on directly, plus the input's other columns.
+`SFTTrainer` trains on directly, plus the input's other columns (a column of the input with one of those three names
+is an error, not overwritten). Every teacher needs a rationale on every question.
 
     none               every rationale kept, one row per (question, teacher): TinyLLM's naive multi-teacher data
     aggregation        `aggregator(prompt, rationales) -> str` writes one merged rationale (the paper: GPT-4);
@@ -32,6 +33,7 @@ from datasets import Dataset
 from .features import hashed_ngram_features, text_token_ids
 from .methods import PURIFICATIONS, RouterSettings, build_purifier
 
+OUTPUT_COLUMNS = ("prompt", "completion", "teacher")  # what SFTTrainer reads, and which teacher was kept
 DEFAULT_AGGREGATION_INSTRUCTION = (
     "Several teachers answered the question below, each with a rationale. Merge them into one rationale that is "
     "correct and consistent: keep the reasoning the teachers agree on, resolve their conflicts, and drop mistakes."
@@ -48,6 +50,18 @@ def prompt_text(prompt: Any) -> str:
 def as_completion(prompt: Any, text: str) -> Any:
     """A completion in the prompt's format: an assistant message for conversational prompts, else text."""
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def check_rationales_present(rationales: list[list[Any]], rationale_column: str) -> None:
+    """Every teacher needs a rationale on every question: a router could otherwise choose a missing one, and the
+    student would learn an empty completion."""
+    for row, texts in enumerate(rationales):
+        for teacher, text in enumerate(texts):
+            if text is None or not str(text).strip():
+                raise ValueError(
+                    f"Row {row} of {rationale_column!r} has no rationale from teacher {teacher} ({text!r}). Every "
+                    "teacher needs a rationale on every question: drop such rows first (dataset.filter) or fill them."
+                )
 
 
 def question_features(prompts: list[Any], dim: int = 512, order: int = 3) -> torch.Tensor:
@@ -89,21 +103,32 @@ def purify_rationales(
 
     Args:
         fit_on: rows with scores to fit the learning methods on (default: the rows of `dataset` that have scores).
-        epochs: replay epochs of the classifier router and REINFORCE epochs of the RL selector.
+        epochs: training rounds of the learning methods: for the classifier router, rounds of `classifier_steps`
+            minibatch updates on the remembered questions; for the RL selector, REINFORCE updates, each over every
+            scored question. Plackett-Luce and the similarity router fit once and ignore it.
     """
     if purification not in PURIFICATIONS:
         raise ValueError(f"Unknown purification {purification!r}; choose one of {list(PURIFICATIONS)}.")
     for column in (prompt_column, rationale_column):
         if column not in dataset.column_names:
             raise ValueError(f"The dataset has no {column!r} column (columns: {dataset.column_names}).")
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: there is nothing to purify.")
     rationales = dataset[rationale_column]
-    num_teachers = len(rationales[0]) if len(dataset) else 0
+    num_teachers = len(rationales[0])
     if num_teachers == 0:
         raise ValueError(f"{rationale_column!r} must hold one rationale per teacher; the first row has none.")
     if any(len(r) != num_teachers for r in rationales):
         raise ValueError(f"Every row of {rationale_column!r} must have the same number of rationales ({num_teachers}).")
+    check_rationales_present(rationales, rationale_column)
     prompts = dataset[prompt_column]
     extra = [c for c in dataset.column_names if c not in (prompt_column, rationale_column, score_column)]
+    clashing = sorted(set(extra) & set(OUTPUT_COLUMNS))
+    if clashing:
+        raise ValueError(
+            f"The dataset's column(s) {clashing} would overwrite the purified output's {list(OUTPUT_COLUMNS)} "
+            f"columns. Rename them first (dataset.rename_column), or remove them (dataset.remove_columns)."
+        )
 
     def rows_for(choices: list[tuple[int, int, str]]) -> Dataset:  # (row, teacher, text)
         out = {"prompt": [prompts[i] for i, _, _ in choices],

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_seq_logps", "rewards")
+# completion_mask: what the re-scoring forward attends to (as TRL's scoring did); loss_mask: the tokens whose
+# log-probs are compared (tool outputs excluded). They differ only in tool-calling rollouts.
+ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "loss_mask", "old_seq_logps", "rewards")
 PROMPT_KEYS = ("features", "signal", "consensus", "actions")
 
 
@@ -47,6 +49,7 @@ class PendingDecisions:
             "prompt_mask": b["prompt_mask"][rows, b["prompt_mask"].size(1) - prompt_width:],
             "completion_ids": b["completion_ids"][rows, :completion_width],
             "completion_mask": b["completion_mask"][rows, :completion_width],
+            "loss_mask": b["loss_mask"][rows, :completion_width],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -54,3 +57,5 @@ class PendingDecisions:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch = None if state["batch"] is None else dict(state["batch"])
+        if self.batch is not None and "loss_mask" not in self.batch:  # saved before the two masks were kept apart
+            self.batch["loss_mask"] = self.batch["completion_mask"]

@@ -29,6 +29,27 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return (token_logps * mask).sum(dim=-1)
 
 
+def combined_rewards(
+    rewards_per_func: torch.Tensor, weights: torch.Tensor, group_size: int, aggregation: str = "sum_then_normalize"
+) -> torch.Tensor:
+    """(N, F) rewards of each reward function -> (N,) the reward the signal ranks completions by, combined as TRL
+    combines them: the weighted sum ("sum_then_normalize", TRL's default), or with "normalize_then_sum" (GDPO) the
+    weighted sum of each function's rewards standardized within the group (TRL's formula, eps 1e-4). NaN where no
+    function scored a completion."""
+    unscorable = rewards_per_func.isnan().all(dim=1)
+    weights = weights.to(rewards_per_func)
+    if aggregation == "normalize_then_sum":
+        grouped = rewards_per_func.view(-1, group_size, rewards_per_func.size(1))
+        mean = grouped.nanmean(dim=1, keepdim=True)
+        count = (~grouped.isnan()).sum(dim=1, keepdim=True)
+        var = ((grouped - mean) ** 2).nan_to_num(0.0).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+        rewards_per_func = ((grouped - mean) / (var.sqrt() + 1e-4)).view_as(rewards_per_func)
+    elif aggregation != "sum_then_normalize":
+        raise ValueError(f"Unknown multi_objective_aggregation {aggregation!r}.")
+    rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+    return rewards.masked_fill(unscorable, float("nan"))
+
+
 def ranking_agreement(teacher_seq_logps: torch.Tensor, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """The signal: (K, N) teacher log-likelihoods and (N,) rewards of N = Q * group_size completions -> (Q, K).
 

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..core import ExtGRPOTrainer, check_teacher_vocabulary, load_teacher, prepare_teacher, zero_reward
+from ..core import (
+    ExtGRPOTrainer,
+    check_teacher_vocabulary,
+    distillation_reward_funcs,
+    load_teacher,
+    prepare_teacher,
+)
 from ..core.teachers import given_once, teacher_display_name
 from ..gndpo.advantages import GNDPOAdvantages, gndpo_advantages
 from .config import NEEDS_REWARD, PurifiedDistillConfig
@@ -33,6 +39,7 @@ from .methods.rl_selection import student_improvement
 from .pending import PendingDecisions
 from .signal import (
     choice_accuracy,
+    combined_rewards,
     conflict_and_consensus,
     decisive_prompts,
     mean_conflict,
@@ -139,8 +146,7 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
                 "PurifiedDistillTrainer got a single teacher: purification=%r has nothing to choose between and "
                 "reduces to GNDPO with that teacher.", args.purification,
             )
-        if not has_reward:
-            reward_funcs = [zero_reward]  # GRPOTrainer needs a reward source; averaging needs none.
+        reward_funcs = distillation_reward_funcs(reward_funcs, environment_factory, args.reward_advantage_weight)
 
         super().__init__(
             model=model,
@@ -269,15 +275,11 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
             return hashed_ngram_features(rollout["prompt_ids"], rollout["prompt_mask"], self.args.router_feature_dim,
                                          self.args.router_ngram_order)
 
-    def _gathered_rewards(self) -> torch.Tensor:
-        """(N,) the rewards TRL computed for the whole batch, weighted as TRL weights them; NaN if unscorable."""
-        per_func = self.rollout_rewards.float().cpu()
-        rewards = (per_func * self.reward_weights.float().cpu().unsqueeze(0)).nansum(dim=1)
-        return torch.where(torch.isnan(per_func).all(dim=1), torch.full_like(rewards, float("nan")), rewards)
-
     def _gather_prompts(self, local_features, teacher_logps, mask, group_size) -> PromptBatch:
         seq_logps = self._gather(sequence_logps(teacher_logps, mask).t()).t()  # (K, N)
-        rewards = self._gathered_rewards()
+        # TRL's rewards of the whole batch (already gathered), combined as TRL combines them.
+        rewards = combined_rewards(self.rollout_rewards.float().cpu(), self.reward_weights.float().cpu(), group_size,
+                                   self.multi_objective_aggregation)
         features = self._gather(local_features)[::group_size]  # one row per prompt
         signal = ranking_agreement(seq_logps, rewards, group_size)
         conflict, consensus = conflict_and_consensus(seq_logps, group_size)  # one count of orders serves both
@@ -295,7 +297,8 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
             "prompt_ids": self._gather(pad(rollout["prompt_ids"], dim=1, pad_index=pad_id, pad_first=True)),
             "prompt_mask": self._gather(pad(rollout["prompt_mask"], dim=1, pad_index=0, pad_first=True)),
             "completion_ids": self._gather(pad(rollout["completion_ids"], dim=1, pad_index=pad_id)),
-            "completion_mask": self._gather(pad(mask, dim=1, pad_index=0)),
+            "completion_mask": self._gather(pad(rollout["completion_mask"], dim=1, pad_index=0)),
+            "loss_mask": self._gather(pad(mask, dim=1, pad_index=0)),
             "widths": self._gather(widths),
             "old_seq_logps": self._gather(sequence_logps(student_logps, mask)),
             "rewards": batch.rewards,
@@ -317,7 +320,7 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
         device = self.accelerator.device
         local = {k: v.to(device) for k, v in self.pending.local_rows(self.accelerator.process_index).items()}
         new_logps = self.score_completions(self.model, local).float()
-        new_seq = self._gather(sequence_logps(new_logps, local["completion_mask"].float()))
+        new_seq = self._gather(sequence_logps(new_logps, local["loss_mask"].float()))
         pending = self.pending.batch
         improvement = student_improvement(new_seq - pending["old_seq_logps"], pending["rewards"],
                                           int(pending["group_size"]))

@@ -4,7 +4,9 @@ A method sees a batch of Q prompts (one per group, gathered from every process) 
 whose rows sum to 1: one-hot when it picks a teacher, spread when it combines them or when chosen teachers tie.
 Methods that learn online do so in `learn` (from the signal) or, for the RL selector, in `learn_from_improvement`
 (from the student's measured improvement); the trainer calls `decide` BEFORE `learn` on the same batch, so a
-router never routes a prompt with that prompt's own label and its logged accuracy is a held-out accuracy.
+router never routes a prompt with that prompt's own label and its logged accuracy is a held-out accuracy. (The
+methods that read `signal` in `decide`, aggregation and the RL selector's state, see the label they are scored on:
+their accuracy says how far they follow it.)
 
 Everything here runs on CPU on identical gathered inputs on every process; `sync_tensors` lists the learned tensors
 the trainer broadcasts from the main process after each update, so processes cannot drift apart numerically.
