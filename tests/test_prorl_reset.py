@@ -97,6 +97,37 @@ def test_lora_reset_uses_a_reference_adapter(tmp_path, student_path, arithmetic_
     assert adam_steps(trainer) == {1}
 
 
+def test_the_added_reference_adapter_has_no_dropout(tmp_path, student_path, arithmetic_dataset):
+    """TRL's disable_dropout runs before the trainer adds the "ref" adapter; the reference must still be exact."""
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = cpu_config(ProRLConfig, tmp_path, max_steps=3, beta=0.1, ref_reset_steps=2, dynamic_sampling="none",
+                      disable_dropout=True)
+    trainer = ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
+                           train_dataset=arithmetic_dataset, peft_config=lora)
+    dropouts = {n: m.p for n, m in trainer.model.named_modules() if n.endswith("lora_dropout.ref")}
+    assert dropouts and set(dropouts.values()) == {0.0}
+    trainer.train()
+    kl = [entry["kl"] for entry in train_logs(trainer)]
+    assert kl[2] == pytest.approx(0.0, abs=1e-7)  # the rollout after the reset: reference == policy, exactly
+
+
+def test_reset_releases_paged_optimizer_buffers():
+    """bitsandbytes' paged optimizers list their state buffers in a process-wide page manager as well."""
+    from types import SimpleNamespace
+
+    from trl_ext.core.reference_reset import reset_optimizer_state
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    state_buffer, other_optimizers_buffer = torch.zeros(3), torch.zeros(3)
+    optimizer.state[param] = {"state1": state_buffer, "step": 4}
+    optimizer.is_paged = True
+    optimizer.page_mng = SimpleNamespace(paged_tensors=[other_optimizers_buffer, state_buffer])
+    reset_optimizer_state(optimizer)
+    assert not optimizer.state
+    assert len(optimizer.page_mng.paged_tensors) == 1 and optimizer.page_mng.paged_tensors[0] is other_optimizers_buffer
+
+
 def test_lora_with_a_peft_model_reuses_trls_reference_adapter(tmp_path, student_path, arithmetic_dataset):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -228,3 +259,7 @@ def test_callback_checks_its_trainer(tmp_path, student_path, arithmetic_dataset)
                          train_dataset=arithmetic_dataset)
     with pytest.raises(ValueError, match="beta > 0"):
         ReferenceResetCallback(ResetSchedule(every_steps=5)).attach(no_kl)
+    with pytest.raises(RuntimeError, match=r"attach\(trainer\)"):
+        ProRLTrainer(model=student_path, reward_funcs=[demo.task_reward],
+                     args=cpu_config(ProRLConfig, tmp_path, beta=0.1, dynamic_sampling="none"),
+                     train_dataset=arithmetic_dataset, callbacks=[ReferenceResetCallback(ResetSchedule(every_steps=5))])

@@ -140,6 +140,33 @@ def test_filter_masks_uninformative_groups_and_renormalizes(tmp_path, student_pa
     assert loss_unmasked == pytest.approx(-kept_tokens / all_rows_mask.sum().item(), abs=1e-5)
 
 
+def test_step_entropy_and_kl_weigh_micro_batches_by_their_loss_tokens(tmp_path, student_path, mostly_even_dataset):
+    """A micro-batch whose rows are all masked (TRL logs 0 for it) must not pull the step's entropy or KL down."""
+    trainer = make(tmp_path, student_path, mostly_even_dataset, max_steps=6, dynamic_sampling="filter", beta=0.1,
+                   per_device_train_batch_size=2, gradient_accumulation_steps=4, num_generations=4)
+    micro_batches = []
+    compute_loss = trainer._compute_loss
+
+    def spy(model, inputs):
+        loss = compute_loss(model, inputs)
+        metrics = trainer._metrics["train"]
+        micro_batches.append((trainer.state.global_step, inputs["completion_mask"].sum().item(),
+                              metrics["entropy"][-1], metrics["kl"][-1]))
+        return loss
+
+    trainer._compute_loss = spy
+    trainer.train()
+    assert any(tokens == 0 for _, tokens, _, _ in micro_batches), "no fully masked micro-batch: pick another setup"
+    for step, logs in enumerate(log for log in trainer.state.log_history if "prorl/entropy" in log):
+        rows = [(tokens, entropy, kl) for s, tokens, entropy, kl in micro_batches if s == step]
+        total = sum(tokens for tokens, _, _ in rows)
+        if total == 0:  # every group of the step masked: no measurement rather than a misleading 0
+            assert logs["prorl/entropy"] is None and logs["prorl/kl"] is None
+            continue
+        assert logs["prorl/entropy"] == pytest.approx(sum(t * e for t, e, _ in rows) / total, rel=1e-4)
+        assert logs["prorl/kl"] == pytest.approx(sum(t * k for t, _, k in rows) / total, rel=1e-4, abs=1e-9)
+
+
 def test_none_is_plain_grpo_batches(tmp_path, student_path, mostly_even_dataset):
     trainer = make(tmp_path, student_path, mostly_even_dataset, max_steps=1, dynamic_sampling="none")
     seen = capture_rollouts(trainer)
@@ -194,6 +221,11 @@ def test_defaults_follow_the_paper(tmp_path):
         ({"dynamic_sampling": "resample"}, "dynamic_sampling='resample'"),
         ({"dynamic_sampling_max_rounds": 0}, "dynamic_sampling_max_rounds"),
         ({"loss_type": "grpo"}, "loss_type='grpo'"),
+        ({"loss_type": "bnpo", "dynamic_sampling": "filter"}, "loss_type='bnpo'"),
+        ({"scale_rewards": "batch"}, "scale_rewards='batch'"),
+        ({"multi_objective_aggregation": "normalize_then_sum"}, "normalize_then_sum"),
+        ({"dynamic_sampling": "none", "multi_objective_aggregation": "normalize_then_sum", "eos_penalty": 0.1},
+         "eos_penalty=0.1"),
         ({"eos_penalty": -1.0}, "eos_penalty"),
         ({"ref_reset_steps": 0}, "ref_reset_steps"),
         ({"ref_reset_steps": 10, "beta": 0.0}, "beta=0.0"),
@@ -231,6 +263,10 @@ def test_trainer_rejects_bad_arguments(tmp_path, student_path, arithmetic_datase
     with pytest.raises(ValueError, match=r"refill.*IterableDataset.*dynamic_sampling='filter'"):
         ProRLTrainer(model=student_path, reward_funcs=[demo.task_reward],
                      args=cpu_config(ProRLConfig, tmp_path), train_dataset=streaming)
+    with_images = arithmetic_dataset.add_column("image", [None] * len(arithmetic_dataset))
+    with pytest.raises(NotImplementedError, match=r"image column\(s\) \['image'\].*dynamic_sampling='filter'"):
+        ProRLTrainer(model=student_path, reward_funcs=[demo.task_reward],
+                     args=cpu_config(ProRLConfig, tmp_path), train_dataset=with_images)
 
 
 def test_trl_parser_reads_cli_and_yaml(tmp_path):

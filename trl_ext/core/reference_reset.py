@@ -77,6 +77,11 @@ def add_reference_adapter(model) -> None:
     copy_adapter(model)
     for _, ref in adapter_pairs(model):
         ref.requires_grad_(False)
+    # The reference never trains: its copy of lora_dropout would only add noise to the reference log-probs (and
+    # TRL's disable_dropout ran before this adapter existed).
+    for name, module in model.named_modules():
+        if name.endswith(f"lora_dropout.{REFERENCE_ADAPTER}") and isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -94,7 +99,20 @@ def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
 
 def reset_optimizer_state(optimizer) -> None:
     """Forget every parameter's state (Adam: step, exp_avg, exp_avg_sq); torch optimizers re-initialise it lazily."""
-    innermost_optimizer(optimizer).state.clear()
+    inner = innermost_optimizer(optimizer)
+    release_paged_buffers(inner)
+    inner.state.clear()
+
+
+def release_paged_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """bitsandbytes' paged optimizers (optim="paged_adamw_*") also list every paged state buffer in a process-wide
+    page manager (`page_mng.paged_tensors`); drop this optimizer's buffers from it too, or every reset would leak a
+    copy of the optimizer state."""
+    manager = getattr(optimizer, "page_mng", None)
+    if not getattr(optimizer, "is_paged", False) or manager is None:
+        return
+    state_buffers = {id(t) for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)}
+    manager.paged_tensors[:] = [t for t in manager.paged_tensors if id(t) not in state_buffers]
 
 
 # ----- the callback --------------------------------------------------------------------------------------------------
@@ -185,6 +203,14 @@ class ReferenceResetCallback(TrainerCallback):
         self._kl_share = share
 
     # ----- callback events ------------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            raise RuntimeError(
+                "ReferenceResetCallback was passed in `callbacks=`; attach it instead, after building the trainer: "
+                "`ReferenceResetCallback(schedule).attach(trainer)`. attach() checks the trainer, prepares its "
+                "reference and registers the callback's state for checkpoints."
+            )
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._training = True
         if self.reset_optimizer:

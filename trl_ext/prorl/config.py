@@ -14,10 +14,12 @@ from trl import GRPOConfig
 from ..core.reset_triggers import ResetSchedule
 
 DYNAMIC_SAMPLING_MODES = ("refill", "filter", "none")
-# Loss types that normalize by the number of loss tokens, so rows masked by dynamic sampling leave the average of
-# the remaining tokens unchanged ("grpo", "sapo", "luspo" and "dr_grpo" average over rows or a fixed length instead,
-# so masked rows would dilute the gradient).
-TOKEN_NORMALIZED_LOSSES = ("dapo", "bnpo", "cispo", "vespo")
+# Loss types that divide by the generation batch's loss-token count (`num_items_in_batch`, which dynamic sampling
+# recounts), so rows masked by dynamic sampling leave the average of the remaining tokens unchanged. "grpo", "sapo",
+# "luspo" and "dr_grpo" average over rows or a fixed length, and "bnpo" divides each micro-batch by its own token
+# count and then by the accumulation steps: a micro-batch (or process) left with few or no kept tokens would dilute
+# the gradient.
+TOKEN_NORMALIZED_LOSSES = ("dapo", "cispo", "vespo")
 
 
 @dataclass
@@ -163,6 +165,24 @@ class ProRLConfig(GRPOConfig):
                 f"`loss_type={self.loss_type!r}` averages over rows (or a fixed length), so masked rows would dilute "
                 f"the gradient. Use a token-normalized loss_type ({', '.join(TOKEN_NORMALIZED_LOSSES)}; ProRL: "
                 "'dapo') or dynamic_sampling='none'."
+            )
+        if self.dynamic_sampling == "refill" and (self.scale_rewards == "batch"
+                                                  or self.multi_objective_aggregation == "normalize_then_sum"):
+            setting = ("scale_rewards='batch'" if self.scale_rewards == "batch"
+                       else "multi_objective_aggregation='normalize_then_sum'")
+            raise ValueError(
+                f"`dynamic_sampling='refill'` merges groups from several generation rounds, and with {setting} TRL "
+                "scales each round's advantages by that round's own batch statistics (uninformative groups "
+                "included), so equal rewards would get different advantages in one batch. Use scale_rewards='group' "
+                "(ProRL's and DAPO's) with multi_objective_aggregation='sum_then_normalize', or "
+                "dynamic_sampling='filter'."
+            )
+        if self.eos_penalty > 0 and self.multi_objective_aggregation == "normalize_then_sum":
+            raise ValueError(
+                f"`eos_penalty={self.eos_penalty}` is a reward function's size, but "
+                "multi_objective_aggregation='normalize_then_sum' standardizes each reward function within its group, "
+                "so any size gives the same advantages. Use 'sum_then_normalize', or weight the penalty with "
+                "`reward_weights` instead."
             )
         if self.eos_penalty < 0:
             raise ValueError(

@@ -31,7 +31,7 @@ from ..core import ExtGRPOTrainer, masked_mean
 from ..core.reference_reset import ReferenceResetCallback
 from ..core.reset_triggers import kl_share
 from ..core.trainer import resolve_config
-from .batch_rows import concat_rows, gather_rows, mask_rows, take_rows
+from .batch_rows import check_mergeable, concat_rows, gather_rows, mask_rows, take_rows
 from .config import ProRLConfig
 from .dynamic_sampling import (
     GroupSelection,
@@ -153,9 +153,8 @@ class ProRLTrainer(ExtGRPOTrainer):
             ).attach(self)
         self.last_dynamic_sampling: DynamicSamplingResult | None = None
         self._advantage_scale = math.nan  # mean |advantage| over the loss tokens of the latest rollout
-        self._rollout_tokens = -1  # loss tokens of the latest rollout (all processes)
-        self._step_kl: list[float] = []
-        self._step_entropy: list[float] = []
+        self._step_kl: list[tuple[float, float]] = []  # (TRL's micro-batch value, its loss tokens)
+        self._step_entropy: list[tuple[float, float]] = []
         self._refill_draws = (-1, 0)  # (global step, rounds drawn at that step): keys the refill prompts
 
     # ----- rollout: dynamic sampling ---------------------------------------------------------------------------------
@@ -167,6 +166,8 @@ class ProRLTrainer(ExtGRPOTrainer):
             return rollout
 
         rounds = [super()._generate_and_score_completions(inputs)]
+        if self.args.dynamic_sampling == "refill":
+            check_mergeable(rounds[0])  # at the first step, not at the first refill that moves a group
         rewards = [self.rollout_rewards]
         informative = [self._informative(rewards[0])]
         started = time.perf_counter()
@@ -234,34 +235,36 @@ class ProRLTrainer(ExtGRPOTrainer):
         return rollout
 
     def _note_rollout(self, rollout: dict[str, Any]) -> None:
-        """Remember what the loss-time signals need: the rollout's loss-token count and mean |advantage|."""
+        """Remember what the KL share needs at loss time: the rollout's mean |advantage| over its loss tokens."""
         mask = self.loss_mask(rollout).float()
         advantages = rollout["advantages"].float()
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1).expand_as(mask)
-        self._rollout_tokens = int(rollout["num_items_in_batch"])
         self._advantage_scale = masked_mean(advantages.abs(), mask, self.reduce_sum).item()
 
     # ----- loss: per-step KL / entropy signals -----------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
         if self._mode == "train":
-            self._record_step_signals()
+            # Every process computes every micro-batch's loss, so this all-reduce is rank-symmetric.
+            tokens = self.reduce_sum(self.loss_mask(inputs).sum().to(torch.float64)).item()
+            self._record_step_signals(tokens)
         return loss
 
-    def _record_step_signals(self) -> None:
-        """Average TRL's per-micro-batch `kl` and `entropy` (already global) over the optimizer step; at its last
-        micro-batch log them under prorl/, with the KL share, and hand the share to the reset trigger."""
-        # TRL reports 0 for a batch without loss tokens (everything masked); that is "no measurement", not 0.
-        no_tokens = self._rollout_tokens == 0
-        self._step_entropy.append(math.nan if no_tokens else _compat.logged_values(self, "entropy")[-1])
+    def _record_step_signals(self, tokens: float) -> None:
+        """Average TRL's per-micro-batch `kl` and `entropy` (already global) over the optimizer step, weighted by
+        each micro-batch's loss tokens (all processes); at its last micro-batch log them under prorl/, with the KL
+        share, and hand the share to the reset trigger."""
+        # TRL reports 0 for a micro-batch without loss tokens (everything masked): that is no measurement, not 0,
+        # and the token weight leaves it out.
+        self._step_entropy.append((_compat.logged_values(self, "entropy")[-1], tokens))
         if self.beta != 0.0:
-            self._step_kl.append(math.nan if no_tokens else _compat.logged_values(self, "kl")[-1])
+            self._step_kl.append((_compat.logged_values(self, "kl")[-1], tokens))
         if not self.accelerator.sync_gradients:
             return
-        self.log_metric("entropy", nan_mean(self._step_entropy))
+        self.log_metric("entropy", token_weighted_mean(self._step_entropy))
         if self._step_kl:
-            kl = nan_mean(self._step_kl)
+            kl = token_weighted_mean(self._step_kl)
             share = kl_share(self.beta, kl, self._advantage_scale)
             self.log_metric("kl", kl)
             self.log_metric("kl_share", share)
@@ -272,9 +275,10 @@ class ProRLTrainer(ExtGRPOTrainer):
         self._step_kl, self._step_entropy = [], []
 
 
-def nan_mean(values: list[float]) -> float:
-    valid = [v for v in values if not math.isnan(v)]
-    return sum(valid) / len(valid) if valid else math.nan
+def token_weighted_mean(values: list[tuple[float, float]]) -> float:
+    """Mean of per-micro-batch (value, loss tokens) pairs, weighted by tokens; NaN when no micro-batch had any."""
+    total = sum(tokens for _, tokens in values)
+    return sum(value * tokens for value, tokens in values) / total if total > 0 else math.nan
 
 
 def check_refill_dataset(train_dataset) -> None:
@@ -289,4 +293,11 @@ def check_refill_dataset(train_dataset) -> None:
             f"dynamic_sampling='refill' draws extra prompts from the training dataset by index, but it got {kind}. "
             "Pass a map-style dataset (datasets.Dataset), or use dynamic_sampling='filter' (masks uninformative "
             "groups without generating more)."
+        )
+    images = sorted({"image", "images"} & set(getattr(train_dataset, "column_names", None) or []))
+    if images:
+        raise NotImplementedError(
+            f"dynamic_sampling='refill' merges rollout rows from several generation rounds, which is supported for "
+            f"text only, but the training dataset has image column(s) {images}. Use dynamic_sampling='filter', "
+            "which masks uninformative groups in place."
         )
