@@ -369,6 +369,12 @@ def test_off_policy_steps_use_clipped_importance_weights(tmp_path, student_path,
         (dict(distillation_weight=0.0), "distillation_weight"),
         (dict(beta=0.04), "beta=0.04"),
         (dict(solution_template="no field"), "successful_previous_attempt"),
+        # Knobs of a feature that is off would be silently ignored.
+        (dict(teacher_model_kind="initial", teacher_update_rate=0.1), "without teacher_model_kind='ema'"),
+        (dict(step_size_modulation=False, multiplier_min=0.1), "multiplier_min=0.1.*step_size_modulation=True"),
+        (dict(step_size_modulation=False, multiplier_ratchet=False), "multiplier_ratchet"),
+        (dict(agreement_buckets=8), "without information_estimator='agreement'"),
+        (dict(distillation_topk=None, distillation_add_tail=False), "distillation_add_tail"),
     ],
 )
 def test_bad_config_fails_at_construction(tmp_path, overrides, message):
@@ -380,6 +386,13 @@ def test_grpo_config_is_rejected(tmp_path, student_path, arithmetic_dataset):
     with pytest.raises(TypeError, match="PGPOConfig"):
         PGPOTrainer(model=student_path, reward_funcs=[demo.task_reward], args=cpu_config(GRPOConfig, tmp_path),
                     train_dataset=arithmetic_dataset)
+
+
+def test_image_prompts_are_refused(tmp_path, student_path, arithmetic_dataset):
+    with_images = arithmetic_dataset.add_column("images", [[]] * len(arithmetic_dataset))
+    with pytest.raises(NotImplementedError, match=r"image column\(s\) \['images'\].*text-only"):
+        PGPOTrainer(model=student_path, reward_funcs=[demo.task_reward], args=cpu_config(PGPOConfig, tmp_path),
+                    train_dataset=with_images)
 
 
 def test_every_new_config_field_has_help():
@@ -401,9 +414,9 @@ def test_trl_parser_reads_cli_and_yaml(tmp_path):
     parser = TrlParser((ScriptArguments, PGPOConfig, ModelConfig))
     _, args, _ = parser.parse_args_and_config(
         args=["--config", str(config_file), "--output_dir", str(tmp_path), "--multiplier_max", "3.0",
-              "--step_size_modulation", "false"])
+              "--multiplier_ratchet", "false"])
     assert (args.distillation_alpha, args.information_estimator, args.distillation_topk) == (1.0, "correction", 20)
-    assert args.multiplier_max == 3.0 and args.step_size_modulation is False
+    assert args.multiplier_max == 3.0 and args.multiplier_ratchet is False
 
 
 def test_model_card(tmp_path, student_path, arithmetic_dataset):

@@ -45,6 +45,11 @@ def distillation_reward_funcs(reward_funcs, environment_factory, reward_advantag
     return [zero_reward]
 
 
+def image_columns(dataset) -> list[str]:
+    """The image columns TRL's vision-language path reads ("image", "images") that `dataset` has."""
+    return sorted({"image", "images"} & set(getattr(dataset, "column_names", None) or []))
+
+
 def resolve_config(model, args, config_cls: type, trainer_name: str):
     """The trainer's config: `args` checked to be a `config_cls`, or a default one named after the model, as
     GRPOTrainer does (`<model>-<method>`)."""

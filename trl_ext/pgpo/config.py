@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..core.ignored_settings import raise_for_ignored_settings
 from .context import FEEDBACK_TEMPLATE, REPROMPT_TEMPLATE, SOLUTION_TEMPLATE
 from .information import ESTIMATORS
 from .step_size import REFERENCES
@@ -58,7 +59,8 @@ class PGPOConfig(GRPOConfig):
     )
     max_reprompt_length: int = field(
         default=10240,
-        metadata={"help": "Teacher prompts longer than this many tokens keep their last tokens (official: 10240)."},
+        metadata={"help": "Teacher prompts longer than this many tokens keep their last tokens, the end that joins "
+                  "the completion (official: 10240, keeping the first tokens by default)."},
     )
     reprompt_template: str = field(
         default=REPROMPT_TEMPLATE,
@@ -106,7 +108,8 @@ class PGPOConfig(GRPOConfig):
     )
     teacher_update_rate: float = field(
         default=0.05,
-        metadata={"help": "EMA rate r per optimizer step: theta_T <- (1 - r) theta_T + r theta (official: 0.05)."},
+        metadata={"help": "EMA rate r per optimizer step: theta_T <- (1 - r) theta_T + r theta (official: 0.05, "
+                  "applied once per rollout batch, i.e. per optimizer step with TRL's defaults)."},
     )
 
     # ----- PGPO's step-size multiplier -----
@@ -190,6 +193,14 @@ class PGPOConfig(GRPOConfig):
         for ok, name, value, fix in checks:
             if not ok:
                 raise ValueError(f"Invalid `{name}={value!r}`: {fix}.")
+        modulated = (self.step_size_modulation, "step_size_modulation=True")
+        raise_for_ignored_settings(self, {
+            "teacher_update_rate": (self.teacher_model_kind == "ema", "teacher_model_kind='ema'"),
+            "multiplier_min": modulated, "multiplier_max": modulated, "multiplier_power": modulated,
+            "multiplier_ratchet": modulated, "information_reference": modulated,
+            "agreement_buckets": (self.information_estimator == "agreement", "information_estimator='agreement'"),
+            "distillation_add_tail": (self.distillation_topk is not None, "distillation_topk (a top-k support)"),
+        })
         for name, template, fields in (
             ("reprompt_template", self.reprompt_template, ("{prompt}", "{solution}", "{feedback}")),
             ("solution_template", self.solution_template, ("{successful_previous_attempt}",)),

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from .. import _compat
 from ..core import ExtGRPOTrainer
-from ..core.trainer import resolve_config
+from ..core.trainer import image_columns, resolve_config
 from .config import PGPOConfig
 from .context import Templates, assign_contexts, strip_thinking, teacher_prompt
 from .divergences import clipped_importance_weights, generalized_jsd, shared_support, support_from_top_k
@@ -112,6 +112,13 @@ class PGPOTrainer(ExtGRPOTrainer):
     ):
         args = resolve_config(model, args, PGPOConfig, "PGPO")
         _check_feedback_column(train_dataset, args)
+        images = image_columns(train_dataset)
+        if images:
+            raise NotImplementedError(
+                f"The training dataset has image column(s) {images}, but PGPO's self-teacher rewrites each prompt as "
+                "text with its privileged context, which would drop the images: vision-language prompts are not "
+                "supported yet. Use a text-only dataset."
+            )
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,

@@ -7,10 +7,11 @@ DAPO recipe); [I] our choice where the paper is silent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..core.ignored_settings import raise_for_ignored_settings
 from ..core.reset_triggers import ResetSchedule
 
 DYNAMIC_SAMPLING_MODES = ("refill", "filter", "none")
@@ -225,7 +226,6 @@ class ProRLConfig(GRPOConfig):
                 )
 
     def _check_no_setting_is_ignored(self, reset_enabled: bool) -> None:
-        """A tuning knob moved off its default while the feature it tunes is off would silently do nothing."""
         metric = self.ref_reset_metric is not None
         applies = {
             "dynamic_sampling_max_rounds": (self.dynamic_sampling == "refill", "dynamic_sampling='refill'"),
@@ -236,14 +236,7 @@ class ProRLConfig(GRPOConfig):
             "ref_reset_optimizer": (reset_enabled, "a reset trigger (ref_reset_steps, ref_reset_metric or "
                                                    "ref_reset_kl_share)"),
         }
-        defaults = {f.name: f.default for f in fields(ProRLConfig)}
-        for name, (used, needs) in applies.items():
-            value = getattr(self, name)
-            if not used and value != defaults[name]:
-                raise ValueError(
-                    f"`{name}={value!r}` has no effect without {needs}. Set {needs} too, or leave `{name}` at its "
-                    f"default ({defaults[name]!r})."
-                )
+        raise_for_ignored_settings(self, applies)
 
     def reset_schedule(self) -> ResetSchedule:
         return ResetSchedule(

@@ -30,7 +30,7 @@ from .. import _compat
 from ..core import ExtGRPOTrainer, masked_mean
 from ..core.reference_reset import ReferenceResetCallback
 from ..core.reset_triggers import kl_share
-from ..core.trainer import resolve_config
+from ..core.trainer import image_columns, resolve_config
 from .batch_rows import check_mergeable, concat_rows, gather_rows, mask_rows, take_rows
 from .config import ProRLConfig
 from .dynamic_sampling import (
@@ -294,7 +294,7 @@ def check_refill_dataset(train_dataset) -> None:
             "Pass a map-style dataset (datasets.Dataset), or use dynamic_sampling='filter' (masks uninformative "
             "groups without generating more)."
         )
-    images = sorted({"image", "images"} & set(getattr(train_dataset, "column_names", None) or []))
+    images = image_columns(train_dataset)
     if images:
         raise NotImplementedError(
             f"dynamic_sampling='refill' merges rollout rows from several generation rounds, which is supported for "
