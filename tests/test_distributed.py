@@ -44,3 +44,18 @@ def test_gate_with_different_survivors_per_rank_stays_in_step(tmp_path):
     assert rank0["counters"]["micro_batches_skipped"] == rank1["counters"]["micro_batches_skipped"] > 0
     for name, value in rank0["parameters"].items():
         assert torch.equal(value, rank1["parameters"][name]), name
+
+
+@pytest.mark.slow
+def test_sharded_teacher_state_is_saved_whole_and_restored_into_each_shard(tmp_path):
+    """FSDP2 shards a teacher copy over the ranks: its checkpointed weights must be the full ones (trl_ext's
+    core/full_state.py gathers them for rank 0 to write) and loading must put each rank's part back."""
+    torchrun("full_state_two_ranks.py", str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank1["saved"] is None  # only the writing rank keeps the gathered copy
+    assert rank0["local_rows"] == [3, 3, 1, 1]  # really sharded: each rank held half of every parameter's rows
+    for saved, expected in zip(rank0["saved"], rank0["expected"]):
+        assert torch.equal(saved, expected)
+    for rank in (rank0, rank1):
+        for restored, expected in zip(rank["restored"], rank0["expected"]):
+            assert torch.equal(restored, expected)

@@ -173,10 +173,13 @@ class ExtGRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        # Registered state is identical on every process by design (rank-symmetric), so the main process writes it.
-        if self._stateful_components and self.args.should_save:
+        if not self._stateful_components:
+            return
+        # Every process builds the state (a component whose weights are sharded gathers them: a collective); it is
+        # identical on every process by design (rank-symmetric), so the main process writes it.
+        state = {name: c.state_dict() for name, c in self._stateful_components.items()}
+        if self.args.should_save:
             checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            state = {name: c.state_dict() for name, c in self._stateful_components.items()}
             torch.save(state, os.path.join(checkpoint_dir, TRAINER_STATE_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):

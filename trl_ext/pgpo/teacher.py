@@ -19,6 +19,7 @@ import torch
 
 from .. import _compat
 from ..core import load_teacher, prepare_teacher
+from ..core.full_state import full_tensors, load_full_tensors
 from ..core.teachers import is_zero3
 
 TEACHER_KINDS = ("ema", "initial", "live")
@@ -32,11 +33,19 @@ class SelfTeacher:
         self.kind = kind
         self.update_rate = update_rate if kind == "ema" else 0.0
         self.accelerator = trainer.accelerator
+        self.zero3 = is_zero3(trainer)
+        self.saves = trainer.args.should_save  # the process that writes checkpoints keeps the gathered weights
         self.copy: torch.nn.Module | None = None  # the frozen full copy (non-PEFT ema/initial)
         self.adapter_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (teacher, student) LoRA
         self.updates = 0
         if kind == "live":
             return
+        if trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 1:
+            raise NotImplementedError(
+                f"teacher_model_kind={kind!r} keeps a teacher whose weights are checkpointed, which trl_ext supports "
+                "under FSDP2 but not FSDP1 (flat parameters). Set fsdp_version: 2 in the accelerate config (as "
+                "examples/accelerate_configs/fsdp2.yaml), or use teacher_model_kind='live'."
+            )
         model = trainer.model
         if _compat.is_peft_model(model):
             self._add_teacher_adapter(model)
@@ -109,18 +118,18 @@ class SelfTeacher:
             return list(self.accelerator.unwrap_model(self.copy).state_dict().values())
         return [teacher for teacher, _ in self.adapter_pairs]
 
+    def _teacher_parameters(self) -> list[torch.nn.Parameter]:
+        if self.copy is not None:
+            return list(self.accelerator.unwrap_model(self.copy).parameters())
+        return [teacher for teacher, _ in self.adapter_pairs]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "updates": self.updates,
-                "weights": [t.detach().cpu().clone() for t in self._teacher_tensors()]}
+        """Called on every process: under ZeRO-3 / FSDP2 the teacher's shards are gathered (full_state.py)."""
+        weights = full_tensors(self._teacher_tensors, self._teacher_parameters(), self.zero3, keep=self.saves)
+        return {"kind": self.kind, "updates": self.updates, "weights": weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["kind"] != self.kind:
             raise ValueError(f"The checkpoint's self-teacher is {state['kind']!r}, this trainer's is {self.kind!r}.")
-        targets = self._teacher_tensors()
-        if len(targets) != len(state["weights"]):
-            raise ValueError(f"The checkpoint holds {len(state['weights'])} teacher tensors, this teacher has "
-                             f"{len(targets)}: was it saved with another model or LoRA configuration?")
-        with torch.no_grad():
-            for target, saved in zip(targets, state["weights"]):
-                target.copy_(saved.to(target.device, target.dtype))
+        load_full_tensors(self._teacher_tensors, self._teacher_parameters(), self.zero3, state["weights"])
         self.updates = state["updates"]

@@ -1,0 +1,38 @@
+"""Two ranks, FSDP2 (fully_shard, gloo on CPU): a sharded module's full state saved by rank 0 and loaded back."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from trl_ext.core.full_state import full_tensors, load_full_tensors
+
+out_dir = sys.argv[1]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)  # the same initial weights on both ranks
+module = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+module.register_buffer("scale", torch.arange(3.0))
+expected = [t.detach().clone() for t in module.state_dict().values()]  # before sharding: the full weights
+fully_shard(module, mesh=init_device_mesh("cpu", (2,)))
+
+
+def tensors():
+    return list(module.state_dict().values())
+
+
+saved = full_tensors(tensors, list(module.parameters()), zero3=False, keep=rank == 0)
+if rank == 0:
+    torch.save(saved, f"{out_dir}/state.pt")
+dist.barrier()
+with torch.no_grad():  # forget the weights, then restore them from what rank 0 saved
+    for t in tensors():
+        (t.to_local() if hasattr(t, "to_local") else t).fill_(7.0)
+load_full_tensors(tensors, list(module.parameters()), zero3=False, values=torch.load(f"{out_dir}/state.pt"))
+restored = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors()]
+local_rows = [t.to_local().shape[0] for t in tensors() if hasattr(t, "to_local")]
+torch.save({"saved": saved, "expected": expected, "restored": [t.clone() for t in restored],
+            "local_rows": local_rows}, f"{out_dir}/rank{rank}.pt")
+dist.destroy_process_group()
