@@ -303,6 +303,8 @@ def test_checkpoint_resume_restores_teacher_and_step_size(tmp_path, student_path
     full.train()
     state = torch.load(tmp_path / "full" / "checkpoint-2" / "trl_ext_state.pt", weights_only=False)
     assert set(state) == {"self_teacher", "step_size"} and state["self_teacher"]["updates"] == 2
+    # The teacher adapter is trainer state: the checkpoint's model holds the trained adapter only.
+    assert not (tmp_path / "full" / "checkpoint-2" / "teacher").exists()
     assert state["step_size"]["steps"] >= 1 and state["step_size"]["running_mean"] is not None
 
     resumed = make(tmp_path / "resumed", student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=3,
@@ -327,6 +329,22 @@ def test_checkpoint_resume_restores_teacher_and_step_size(tmp_path, student_path
 
 
 # ----- everything else a GRPOTrainer user expects --------------------------------------------------------------
+def test_saved_lora_model_holds_only_the_trained_adapter(tmp_path, student_path, arithmetic_dataset):
+    from peft import PeftModel
+
+    trainer = make(tmp_path, student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=1, peft_config=LORA)
+    trainer.train()
+    assert set(trainer.model.peft_config) == {"default", "teacher"}
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "final" / "teacher").exists()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student_path), tmp_path / "final")
+    trained = {n: p for n, p in trainer.model.named_parameters() if ".default." in n}
+    assert trained and all(torch.equal(p.detach(), loaded.get_parameter(n)) for n, p in trained.items())
+    assert set(trainer.model.peft_config) == {"default", "teacher"}  # the save left the live model as it was
+    assert "save_pretrained" not in vars(trainer.model)
+
+
 def test_hybrid_loss_and_evaluation(tmp_path, student_path, arithmetic_dataset):
     trainer = make(tmp_path, student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=2, distillation_weight=0.5,
                    eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8,

@@ -213,6 +213,9 @@ def test_resume_after_a_reset_with_lora_restores_the_reference_adapter(tmp_path,
 
     first = make(max_steps=2, save_strategy="steps", save_steps=2)
     first.train()
+    # The reference adapter is trainer state (in trl_ext_state.pt): the checkpoint's model is the policy adapter.
+    assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "checkpoint-2" / "ref").exists()
     reference = {n: p.detach().clone() for n, p in first.model.named_parameters() if ".ref." in n}
     policy = {n.replace(".default.", ".ref."): p.detach().clone() for n, p in first.model.named_parameters()
               if ".default." in n}

@@ -14,6 +14,8 @@ What we rely on (TRL 1.16):
   ...) -> (logps, entropies, aux_loss)`: we call it to score completions with the student and the teacher.
 - `Trainer._save_checkpoint(model, trial)`, `_load_optimizer_and_scheduler(checkpoint)` and `_get_output_dir(trial)`
   (transformers, overridden by TRL): extended to save and restore trl_ext trainer state with each checkpoint.
+- `Trainer._save(output_dir, state_dict)` (transformers): wrapped so that a saved PeftModel leaves out the adapters
+  that are trainer state (`core/saved_adapters.py`); it calls `model.save_pretrained(output_dir, state_dict=...)`.
 - `GRPOTrainer._tokenize_prompts(prompts) -> (prompt_ids, images, multimodal_fields)`: PGPO tokenizes its
   self-teacher's prompts exactly as TRL tokenizes the student's (chat template, tools, chat_template_kwargs).
 - `accelerator.sync_gradients` is set by transformers' training loop before each micro-batch and is True on the
@@ -113,6 +115,7 @@ PRIVATE_SIGNATURES = {
     "_save_checkpoint": ["self", "model", "trial"],
     "_load_optimizer_and_scheduler": ["self", "checkpoint"],
     "_get_output_dir": ["self", "trial"],
+    "_save": ["self", "output_dir", "state_dict"],
     "_tokenize_prompts": ["self", "prompts"],
 }
 

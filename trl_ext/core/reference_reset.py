@@ -32,7 +32,8 @@ from .. import _compat
 from .reset_triggers import ResetSchedule, ResetTriggers
 from .teachers import is_zero3
 
-POLICY_ADAPTER, REFERENCE_ADAPTER = "default", "ref"
+POLICY_ADAPTER = "default"
+REFERENCE_ADAPTER = _compat.REFERENCE_ADAPTER  # TRL's name: with a passed PeftModel, TRL has already added it
 
 
 # ----- the two operations of a reset ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from trl import GRPOTrainer
 
 from .. import _compat
 from .model_card import render_model_card
+from .saved_adapters import saving_adapters_except
 from .stats import accelerator_reduce_sum
 
 
@@ -88,6 +89,8 @@ class ExtGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, **kwargs):
         self._rollout_rewards: torch.Tensor | None = None
         self._stateful_components: dict[str, StatefulComponent] = {}
+        # Adapters that are trainer state, not the model being trained; TRL's reference adapter is one of them.
+        self._internal_adapters: set[str] = {_compat.REFERENCE_ADAPTER}
         super().__init__(*args, **kwargs)
         # One all-reduce turns per-process moments into statistics of the whole generation batch.
         self.reduce_sum = accelerator_reduce_sum(self.accelerator)
@@ -181,6 +184,15 @@ class ExtGRPOTrainer(GRPOTrainer):
         if self.args.should_save:
             checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             torch.save(state, os.path.join(checkpoint_dir, TRAINER_STATE_FILE))
+
+    def register_internal_adapter(self, name: str) -> None:
+        """Mark the LoRA adapter `name` as trainer state: saved models (checkpoints, save_model, push_to_hub) leave it
+        out, so whoever registers it must save its weights with `register_state`."""
+        self._internal_adapters.add(name)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        with saving_adapters_except(self.accelerator.unwrap_model(self.model), self._internal_adapters):
+            super()._save(output_dir, state_dict)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

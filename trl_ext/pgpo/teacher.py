@@ -49,6 +49,7 @@ class SelfTeacher:
         model = trainer.model
         if _compat.is_peft_model(model):
             self._add_teacher_adapter(model)
+            trainer.register_internal_adapter(TEACHER_ADAPTER)  # its weights are in this object's state
         else:
             self.copy = prepare_teacher(self._initial_copy(trainer, model), trainer, temperature=trainer.temperature)
 
