@@ -77,3 +77,17 @@ def test_an_instantiated_model_is_checked_through_the_path_it_came_from(tmp_path
     teacher_path = save_model(tmp_path / "teacher", len(tokenizer), swapped_tokenizer(tmp_path, "1", "2"))
     with pytest.raises(ValueError, match="another tokenizer"):
         check_teacher_vocabulary(student, {"teacher": LlamaForCausalLM.from_pretrained(teacher_path)})
+
+
+def test_a_zero3_partitioned_model_is_sized_by_its_full_shape(tmp_path, tokenizer):
+    """Under ZeRO-3 (zero.Init) every rank holds an empty shard of each weight; DeepSpeed keeps the shape in ds_shape."""
+    import torch
+
+    from trl_ext.core.vocabulary import vocab_size_of
+
+    model = LlamaForCausalLM.from_pretrained(save_model(tmp_path / "model", len(tokenizer), tokenizer))
+    weight = model.get_output_embeddings().weight
+    full_shape = tuple(weight.shape)
+    weight.data = torch.empty(0)
+    weight.ds_shape = full_shape  # what deepspeed.zero.Init leaves on the parameter
+    assert vocab_size_of(model) == len(tokenizer)

@@ -77,10 +77,49 @@ def test_without_reward_functions(tmp_path, student_path, teacher_path, arithmet
     assert "gndpo/reverse_kl" in trainer.state.log_history[0]
 
 
+class ToolOnlyEnvironment:
+    def reset(self, **kwargs):
+        return None
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: first
+            b: second
+        """
+        return a + b
+
+
+class RewardingEnvironment(ToolOnlyEnvironment):
+    def get_reward(self) -> float:
+        return 1.0
+
+
+def test_reward_source_with_environments():
+    from trl_ext.core.trainer import distillation_reward_funcs, environments_own_reward, zero_reward
+
+    assert environments_own_reward(ToolOnlyEnvironment) is False
+    assert environments_own_reward({"a": ToolOnlyEnvironment, "b": RewardingEnvironment}) is True
+    assert environments_own_reward(lambda: RewardingEnvironment()) is None  # only calling it would tell
+    assert distillation_reward_funcs(None, ToolOnlyEnvironment, 0.0) == [zero_reward]
+    assert distillation_reward_funcs(None, RewardingEnvironment, 0.5) is None  # TRL adds the environment's reward
+    with pytest.raises(ValueError, match="reward_advantage_weight=0.5"):
+        distillation_reward_funcs(None, ToolOnlyEnvironment, 0.5)
+
+
 def test_a_teacher_given_twice_must_be_the_same(tmp_path, student_path, teacher_path, arithmetic_dataset):
     args = cpu_config(GNDPOConfig, tmp_path, teacher_model_name_or_path=teacher_path)
     with pytest.raises(ValueError, match="teacher is given twice and differs: `teacher_model` is "):
         GNDPOTrainer(model=student_path, args=args, train_dataset=arithmetic_dataset, teacher_model=student_path)
+
+
+def test_a_teacher_path_object_is_a_path(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    from pathlib import Path
+
+    trainer = GNDPOTrainer(model=student_path, args=cpu_config(GNDPOConfig, tmp_path), train_dataset=arithmetic_dataset,
+                           teacher_model=Path(teacher_path))
+    assert trainer.teacher_name == teacher_path
 
 
 def test_teacher_from_config_and_instance(tmp_path, student_path, teacher_path, arithmetic_dataset):
@@ -183,6 +222,8 @@ def test_vocabulary_mismatch_names_both_sizes(tmp_path, student_path, other_voca
         ({"teacher_temperature": 0.0}, "teacher_temperature"),
         ({"reward_advantage_weight": -1.0}, "reward_advantage_weight"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
+        ({"scale_rewards": "batch"}, "`scale_rewards='batch'` has no effect without reward_advantage_weight > 0"),
+        ({"multi_objective_aggregation": "normalize_then_sum"}, "multi_objective_aggregation='normalize_then_sum'"),
     ],
 )
 def test_bad_config_fails_at_construction(tmp_path, overrides, message):
@@ -246,6 +287,7 @@ def test_model_card_and_push_to_hub(tmp_path, student_path, teacher_path, arithm
     assert "gndpo" in card.split("---")[1]  # tag in the front matter
     assert "| `score_clip` | `5.0` |" in card
     assert "| `advantage_normalization` | `global` |" in card
+    assert f"| `teacher_model_name_or_path` | `{teacher_path}` |" in card  # passed as teacher_model=, not in args
     assert "gndpo/reverse_kl" in card
     assert "(a PEFT adapter)" in card
 

@@ -135,6 +135,7 @@ def test_checkpoint_restores_router_state(tmp_path, student_path, teachers, arit
     card = (tmp_path / "README.md").read_text()  # GRPOTrainer writes the card at every checkpoint
     assert "trained with **PurifiedDistill**" in card and "2602.01064" in card
     assert f"| `purification` | `{purification}` |" in card
+    assert f"| `teacher_model_names_or_paths` | `{trainer.teacher_names}` |" in card  # passed as teacher_models=
 
     resumed = make_trainer(tmp_path, student_path, teachers, arithmetic_dataset, purification, max_steps=3,
                            per_device_train_batch_size=16)

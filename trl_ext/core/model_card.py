@@ -91,7 +91,7 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None) ->
         paper_title=trainer._paper.get("title"),
         paper_id=trainer._paper.get("id"),
         trainer_citation=trainer._paper.get("citation"),
-        settings=method_settings(trainer.args, GRPOConfig),
+        settings={**method_settings(trainer.args, GRPOConfig), **trainer.card_settings()},
         metrics=final_metrics(trainer.state.log_history, (f"{prefix}/", "reward", "train_loss")),
         global_step=trainer.state.global_step,
         is_peft=is_peft_model(trainer.model),

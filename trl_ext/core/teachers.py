@@ -7,6 +7,7 @@ otherwise placed on the device without a DDP wrapper. It never trains: gradients
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -29,7 +30,12 @@ def teacher_display_name(teacher: str | PreTrainedModel) -> str:
 
 def given_once(given, configured, given_arg: str, config_field: str):
     """The teacher (or list of teachers) passed to the trainer, else the one named in the config. Both at once is an
-    error unless they are the same: one of them would otherwise be silently ignored."""
+    error unless they are the same: one of them would otherwise be silently ignored. A path given as an
+    `os.PathLike` is taken as its string, as `from_pretrained` would take it."""
+    if isinstance(given, list):
+        given = [os.fspath(t) if isinstance(t, os.PathLike) else t for t in given]
+    elif isinstance(given, os.PathLike):
+        given = os.fspath(given)
     if given is not None and configured and given != configured:
         plural = isinstance(given, list)
         shown = [teacher_display_name(t) for t in given] if plural else teacher_display_name(given)

@@ -12,6 +12,7 @@ Nothing of TRL's logic is copied: each override calls `super()` and post-process
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Protocol
 
@@ -32,11 +33,23 @@ def zero_reward(completions, **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
+def environments_own_reward(environment_factory) -> bool | None:
+    """Whether the environments define `get_reward`, which TRL then adds as a reward source; None when a factory is
+    not a class (only calling it would tell, and TRL's contract is to construct environments once)."""
+    factories = environment_factory.values() if isinstance(environment_factory, dict) else [environment_factory]
+    if not all(isinstance(factory, type) for factory in factories):
+        return None
+    # TRL's own test: a function named get_reward on the environment's class.
+    return any(inspect.isfunction(getattr(factory, "get_reward", None)) for factory in factories)
+
+
 def distillation_reward_funcs(reward_funcs, environment_factory, reward_advantage_weight: float):
     """The reward source of a distillation trainer: the user's, or `zero_reward` when it has none (GRPOTrainer
     needs one). Mixing the reward advantage in (`reward_advantage_weight`) needs a real reward."""
-    if reward_funcs is not None or environment_factory is not None:
+    if reward_funcs is not None:
         return reward_funcs
+    if environment_factory is not None and environments_own_reward(environment_factory) is not False:
+        return None  # the environments' get_reward is the reward (or, for a factory function, TRL checks it)
     if reward_advantage_weight:
         raise ValueError(
             f"`reward_advantage_weight={reward_advantage_weight}` adds GRPO's reward advantage to the distillation "
@@ -211,6 +224,11 @@ class ExtGRPOTrainer(GRPOTrainer):
             component.load_state_dict(state[name])
 
     # ----- model card ----------------------------------------------------------------------------------------
+    def card_settings(self) -> dict[str, object]:
+        """Settings the card shows in place of (or besides) the config's, e.g. a teacher passed to the trainer
+        rather than named in the config."""
+        return {}
+
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         if self._card_template is None:
             return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)

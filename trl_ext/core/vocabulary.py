@@ -23,8 +23,10 @@ def vocab_size_of(model_or_path: str | PreTrainedModel, trust_remote_code: bool 
         config = AutoConfig.from_pretrained(model_or_path, trust_remote_code=trust_remote_code)
     else:
         embeddings = model_or_path.get_output_embeddings()
-        if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-            return int(embeddings.weight.shape[0])
+        weight = getattr(embeddings, "weight", None) if embeddings is not None else None
+        if weight is not None:
+            # Under ZeRO-3 a loaded parameter is an empty shard; DeepSpeed keeps its full shape in `ds_shape`.
+            return int(getattr(weight, "ds_shape", weight.shape)[0])
         config = model_or_path.config
     return int(config.get_text_config().vocab_size)
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from ..core.ignored_settings import raise_for_ignored_settings
+
 ADVANTAGE_NORMALIZATIONS = ("global", "none")
 
 
@@ -90,6 +92,10 @@ class GNDPOConfig(GRPOConfig):
                 f"`reward_advantage_weight` must be >= 0, got {self.reward_advantage_weight}. Use 0 for pure "
                 "distillation or a positive weight to add GRPO's reward advantage."
             )
+        # TRL's reward advantage only reaches the loss through `reward_advantage_weight`; without it, the knobs that
+        # shape that advantage would do nothing (the rewards themselves are still computed, weighted and logged).
+        mixed = (self.reward_advantage_weight > 0, "reward_advantage_weight > 0")
+        raise_for_ignored_settings(self, {"scale_rewards": mixed, "multi_objective_aggregation": mixed})
         if self.importance_sampling_level != "token":
             # TRL's sequence-level ratio multiplies every token's advantage by the gradient of the whole sequence's
             # mean log-prob, which would smear GNDPO's per-token advantages over the sequence.

@@ -98,9 +98,13 @@ class GNDPOTrainer(ExtGRPOTrainer):
             rollout_func=rollout_func,
             environment_factory=environment_factory,
         )
+        self.teacher_name = teacher_display_name(teacher)
         teacher = load_teacher(teacher, args.teacher_model_init_kwargs, args, default_dtype=self.model.dtype)
         self.teacher_model = prepare_teacher(teacher, self, temperature=args.teacher_temperature)
         self.last_advantages: GNDPOAdvantages | None = None  # the latest rollout's statistics, for inspection
+
+    def card_settings(self) -> dict[str, object]:
+        return {"teacher_model_name_or_path": self.teacher_name}  # also when passed as `teacher_model=`
 
     def _postprocess_rollout(self, inputs: list[dict[str, Any]], rollout: dict[str, Any]) -> dict[str, Any]:
         mask = self.loss_mask(rollout).float()

@@ -206,6 +206,9 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
         return int(config.get_text_config().hidden_size)
 
     # ----- the post-rollout hook ------------------------------------------------------------------------------
+    def card_settings(self) -> dict[str, object]:
+        return {"teacher_model_names_or_paths": self.teacher_names}  # also when passed as `teacher_models=`
+
     def _postprocess_rollout(self, inputs: list[dict[str, Any]], rollout: dict[str, Any]) -> dict[str, Any]:
         training = self._mode == "train"
         group_size = self.num_generations if training else self.num_generations_eval
