@@ -96,6 +96,19 @@ class RewardingEnvironment(ToolOnlyEnvironment):
         return 1.0
 
 
+def test_completions_table_shows_the_advantages_the_loss_uses(tmp_path, student_path, teacher_path,
+                                                             arithmetic_dataset):
+    trainer = GNDPOTrainer(model=student_path, reward_funcs=[demo.task_reward], train_dataset=arithmetic_dataset,
+                           args=cpu_config(GNDPOConfig, tmp_path, max_steps=1, log_completions=True),
+                           teacher_model=teacher_path)
+    trainer.train()
+    advantages = trainer.last_advantages.advantages
+    mask = (advantages != 0).float()  # zero outside the loss mask; a valid token at exactly 0 is vanishingly rare
+    expected = (advantages * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    logged = torch.tensor(list(trainer._logs["advantages"]))
+    torch.testing.assert_close(logged, expected)
+
+
 def test_reward_source_with_environments():
     from trl_ext.core.trainer import distillation_reward_funcs, environments_own_reward, zero_reward
 

@@ -78,7 +78,7 @@ OPTIONAL_ROLLOUT_KEYS = (
     "importance_sampling_ratio",
 )
 # GRPOTrainer attributes (not methods) that trl_ext reads; the contract test checks they exist on a real trainer.
-TRAINER_ATTRIBUTES = ("_metrics", "_step", "_buffered_inputs", "num_iterations", "num_generations", "beta",
+TRAINER_ATTRIBUTES = ("_metrics", "_logs", "_step", "_buffered_inputs", "num_iterations", "num_generations", "beta",
                       "reward_weights", "multi_objective_aggregation", "eos_token_ids", "ref_model",
                       "num_generations_eval", "temperature", "current_gradient_accumulation_steps")
 REFERENCE_ADAPTER = "ref"  # TRL's frozen reference adapter, selected by name in _generate_and_score_completions
@@ -185,6 +185,15 @@ def current_micro_batch(trainer: GRPOTrainer) -> dict:
 def logged_values(trainer: GRPOTrainer, name: str, mode: str = "train") -> list[float]:
     """The values TRL's loss appended to its metric store in this logging window (e.g. 'kl', 'entropy')."""
     return trainer._metrics[mode][name]
+
+
+def replace_logged_advantages(trainer: GRPOTrainer, values: list[float]) -> None:
+    """TRL's completions table (`log_completions`) records the reward advantages of the rollout it just made, in
+    global row order, as the last entries of `_logs["advantages"]`; put the advantages the loss really uses there."""
+    logged = trainer._logs["advantages"]
+    for _ in range(min(len(values), len(logged))):
+        logged.pop()
+    logged.extend(values)
 
 
 # ----- used by PGPOTrainer ---------------------------------------------------------------------------------------

@@ -129,8 +129,16 @@ class ExtGRPOTrainer(GRPOTrainer):
         return rewards
 
     def _generate_and_score_completions(self, inputs):
-        rollout = super()._generate_and_score_completions(inputs)
-        return self._postprocess_rollout(inputs, rollout)
+        rollout = self._postprocess_rollout(inputs, super()._generate_and_score_completions(inputs))
+        advantages = rollout["advantages"]
+        if self.args.log_completions and advantages.dim() == 2:
+            # Per-token advantages (distillation): the completions table shows each completion's token mean of the
+            # advantages the loss uses, not TRL's reward advantage. The gather is collective; log_completions is the
+            # same on every process.
+            mask = self.loss_mask(rollout).to(advantages.dtype)
+            per_completion = (advantages * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+            _compat.replace_logged_advantages(self, self.accelerator.gather(per_completion).tolist())
+        return rollout
 
     def _compute_loss(self, model, inputs):
         return super()._compute_loss(model, self._prepare_loss_inputs(inputs))
