@@ -59,3 +59,13 @@ def test_duplicate_state_name_is_an_error(tmp_path, student_path, teacher_path, 
     trainer, counter = make_trainer(tmp_path, student_path, teacher_path, arithmetic_dataset)
     with pytest.raises(ValueError, match="counter"):
         trainer.register_state("counter", counter)
+
+
+def test_mps_is_refused_with_the_reason():
+    import torch
+
+    from trl_ext.core.trainer import check_device
+
+    check_device(torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match="float64.*MPS.*use_cpu=True"):
+        check_device(torch.device("mps"))

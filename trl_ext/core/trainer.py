@@ -59,6 +59,16 @@ def distillation_reward_funcs(reward_funcs, environment_factory, reward_advantag
     return [zero_reward]
 
 
+def check_device(device: torch.device) -> None:
+    """Refuse, before training, a device the batch statistics cannot run on."""
+    if device.type == "mps":
+        raise NotImplementedError(
+            "trl_ext trainers accumulate batch statistics (advantage moments, gate prices, information estimates) in "
+            "float64, which PyTorch's MPS backend does not support, so training on Apple-silicon GPUs would fail at "
+            "the first rollout. Train on CPU (use_cpu=True) or a CUDA GPU."
+        )
+
+
 def image_columns(dataset) -> list[str]:
     """The image columns TRL's vision-language path reads ("image", "images") that `dataset` has."""
     return sorted({"image", "images"} & set(getattr(dataset, "column_names", None) or []))
@@ -105,6 +115,7 @@ class ExtGRPOTrainer(GRPOTrainer):
         # Adapters that are trainer state, not the model being trained; TRL's reference adapter is one of them.
         self._internal_adapters: set[str] = {_compat.REFERENCE_ADAPTER}
         super().__init__(*args, **kwargs)
+        check_device(self.accelerator.device)
         # One all-reduce turns per-process moments into statistics of the whole generation batch.
         self.reduce_sum = accelerator_reduce_sum(self.accelerator)
 
