@@ -96,6 +96,31 @@ class RewardingEnvironment(ToolOnlyEnvironment):
         return 1.0
 
 
+def test_tool_output_tokens_get_no_advantage_and_stay_out_of_the_statistics(tmp_path, student_path, teacher_path,
+                                                                           arithmetic_dataset):
+    trainer = GNDPOTrainer(model=student_path, args=cpu_config(GNDPOConfig, tmp_path, max_steps=1),
+                           train_dataset=arithmetic_dataset, teacher_model=teacher_path)
+    seen = {}
+    original = trainer._postprocess_rollout
+
+    def with_tool_output(inputs, rollout):
+        tool_mask = torch.ones_like(rollout["completion_mask"])
+        tool_mask[:, 1:3] = 0  # pretend tokens 1-2 of every completion came from a tool
+        rollout["tool_mask"] = tool_mask
+        out = original(inputs, rollout)
+        seen.update(out)
+        return out
+
+    trainer._postprocess_rollout = with_tool_output
+    trainer.train()
+    advantages = seen["advantages"]
+    trained = seen["completion_mask"].bool() & seen["tool_mask"].bool()
+    assert torch.all(advantages[~trained] == 0)
+    valid = advantages[trained]
+    assert valid.mean().item() == pytest.approx(0.0, abs=1e-5)  # whitened over the trained tokens only
+    assert valid.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
 def test_completions_table_shows_the_advantages_the_loss_uses(tmp_path, student_path, teacher_path,
                                                              arithmetic_dataset):
     trainer = GNDPOTrainer(model=student_path, reward_funcs=[demo.task_reward], train_dataset=arithmetic_dataset,
