@@ -121,6 +121,28 @@ def test_tool_output_tokens_get_no_advantage_and_stay_out_of_the_statistics(tmp_
     assert valid.std().item() == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.parametrize("reuses", [True, False], ids=["trl-computed-old-logps", "own-forward"])
+def test_student_old_logps_come_from_trl_when_it_computed_them(tmp_path, student_path, teacher_path,
+                                                               arithmetic_dataset, reuses):
+    """num_iterations=2 makes TRL compute pi_old; GNDPO must score with those, not a second forward of its own."""
+    from trl_ext.core.trainer import STUDENT_LOGPS_KEY
+
+    trainer = GNDPOTrainer(model=student_path, train_dataset=arithmetic_dataset, teacher_model=teacher_path,
+                           args=cpu_config(GNDPOConfig, tmp_path, max_steps=1, num_iterations=2 if reuses else 1))
+    seen = {}
+    original = trainer._postprocess_rollout
+
+    def spy(inputs, rollout):
+        out = original(inputs, rollout)
+        seen.update(out)
+        return out
+
+    trainer._postprocess_rollout = spy
+    trainer.train()
+    assert (seen.get("old_per_token_logps") is not None) == reuses
+    assert (STUDENT_LOGPS_KEY in seen) != reuses
+
+
 def test_completions_table_shows_the_advantages_the_loss_uses(tmp_path, student_path, teacher_path,
                                                              arithmetic_dataset):
     trainer = GNDPOTrainer(model=student_path, reward_funcs=[demo.task_reward], train_dataset=arithmetic_dataset,
