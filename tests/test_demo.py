@@ -1,5 +1,7 @@
 """The embedded offline world: tokenizer, tasks, rewards, cached pretrained models."""
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,3 +106,29 @@ def test_registered_task_variants_work_by_name():
         demo.register_task(demo.Reversal(name="reversal-test-h4", length=5))
     # Recipes on different task settings never share a cache entry.
     assert demo.Pretraining(tasks=("reversal-test-h4",)).key() != demo.Pretraining(tasks=("reversal",)).key()
+
+
+def test_a_killed_builds_staging_directory_is_removed_and_others_kept(tmp_path):
+    recipe = demo.Pretraining(tasks=("reversal",), steps=0, seed=7)
+    stale = tmp_path / f".building-{recipe.key()}-12345"
+    (stale / "sft").mkdir(parents=True)
+    other_build = tmp_path / ".building-reversal-0123456789ab-999"  # another recipe's build, maybe still running
+    other_build.mkdir()
+    path = demo.pretrained_model(recipe, cache_dir=tmp_path)
+    assert not stale.exists() and other_build.is_dir()
+    # Like any cache entry made by mkdir, the model directory honours the umask (mkdtemp's would be 0700).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_build_inside_a_launch_runs_with_the_launcher_variables_removed(monkeypatch):
+    from trl_ext.demo import build_process
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert build_process.inside_launch()
+    env = build_process.single_process_env()
+    assert not [name for name in env if build_process.is_launcher_variable(name)]
+    assert env["OMP_NUM_THREADS"] == "1"

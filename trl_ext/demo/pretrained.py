@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from datasets import Dataset, concatenate_datasets
 from filelock import FileLock
 
 from ..pgpo.context import teacher_prompt
+from .build_process import build_in_subprocess, inside_launch
 from .models import TinyArchitecture, build_model
 from .tasks import Task, get_task, question_text
 from .tokenizer import build_tokenizer
@@ -68,16 +68,27 @@ def untrained(seed: int = 0, architecture: TinyArchitecture = TinyArchitecture()
 def pretrained_model(recipe: Pretraining, cache_dir: str | Path | None = None) -> str:
     """Path of the model (weights + tokenizer) built by `recipe`, training it first if it is not cached.
 
-    Safe under concurrent processes (e.g. two torchrun ranks): one builds, the others wait on a file lock.
+    Safe under concurrent processes (e.g. two torchrun ranks): one builds, the others wait on a file lock. Inside a
+    distributed launch the build runs in a single-process subprocess (`build_process.py`), never in the caller's
+    process group.
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / recipe.key()
+    key = recipe.key()
+    target = root / key
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not (target / "config.json").is_file():
-            staging = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+            # Only the lock holder builds this recipe, so any staging directory of it is a killed build's leftover.
+            for stale in root.glob(f".building-{key}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            # mkdir (not mkdtemp, which makes 0700 directories) so the cache honours the umask like any download.
+            staging = root / f".building-{key}-{os.getpid()}"
+            staging.mkdir()
             try:
-                _build(recipe, staging)
+                if inside_launch():
+                    build_in_subprocess(recipe, staging)
+                else:
+                    _build(recipe, staging)
                 shutil.rmtree(target, ignore_errors=True)
                 staging.rename(target)
             finally:
