@@ -1,6 +1,8 @@
 """PGPOTrainer end to end: SDPO's loss by hand, the teacher's contexts, the step-size multiplier on the learning rate,
 EMA teachers (full copy and LoRA adapter), checkpoints, errors."""
 
+import re
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -467,3 +469,19 @@ def test_policy_loss_settings_without_policy_loss_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         cpu_config(PGPOConfig, tmp_path, loss_type="grpo", distillation_weight=0.5)  # used by the mixed loss
+
+
+def test_model_card_settings_table_survives_multiline_templates(tmp_path, student_path, arithmetic_dataset):
+    # PGPO's templates are multi-line; a raw newline or pipe in a cell used to break the settings table.
+    trainer = make(tmp_path, student_path, arithmetic_dataset, cls=PGPOTrainer,
+                   feedback_template="\nFeedback | from `tests`:\n\n{feedback_raw}\n\n")
+    trainer.create_model_card(model_name="tiny-pgpo")
+    card = (tmp_path / "README.md").read_text()
+    table = card.split("## Training settings")[1].strip().split("\n\n")[0].splitlines()
+    assert table[:2] == ["| setting | value |", "|---|---|"] and len(table) > 20
+    for row in table[2:]:
+        cells = re.split(r"(?<!\\)\|", row)  # GFM splits cells on unescaped pipes
+        assert len(cells) == 4 and cells[0] == cells[-1] == "", row
+    reprompt = "`{prompt}{solution}{feedback}\\n\\nCorrectly solve the original question.`"
+    assert f"| `reprompt_template` | {reprompt} |" in table
+    assert "| `feedback_template` | `` \\nFeedback \\| from `tests`:\\n\\n{feedback_raw}\\n\\n `` |" in table

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 from pathlib import Path
@@ -55,6 +56,19 @@ def method_settings(args, base_config_cls) -> dict[str, object]:
     return settings
 
 
+def table_cell(value) -> str:
+    """`value` as an inline-code markdown table cell that keeps the table one row per setting.
+
+    Settings can be multi-line text with pipes or backticks (PGPO's prompt templates): a raw newline or `|` would end
+    the row or split the cell, so newlines are shown as `\\n` (as in a Python string) and pipes are escaped (GFM
+    unescapes `\\|` inside a code span in a table); a value holding backticks gets a longer backtick fence.
+    """
+    text = str(value).replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n").replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if "`" in text else ""  # a code span starting or ending with a backtick needs a space inside the fence
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def final_metrics(log_history: list[dict], prefixes: tuple[str, ...]) -> dict[str, float]:
     """The last logged value of every metric whose name starts with one of `prefixes`."""
     metrics: dict[str, float] = {}
@@ -91,7 +105,8 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None) ->
         paper_title=trainer._paper.get("title"),
         paper_id=trainer._paper.get("id"),
         trainer_citation=trainer._paper.get("citation"),
-        settings={**method_settings(trainer.args, GRPOConfig), **trainer.card_settings()},
+        settings={name: table_cell(value)
+                  for name, value in {**method_settings(trainer.args, GRPOConfig), **trainer.card_settings()}.items()},
         metrics=final_metrics(trainer.state.log_history, (f"{prefix}/", "reward", "train_loss")),
         global_step=trainer.state.global_step,
         is_peft=is_peft_model(trainer.model),
