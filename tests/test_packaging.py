@@ -1,5 +1,6 @@
 """The wheel ships every subpackage and the model-card templates."""
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -18,3 +19,18 @@ def test_every_trainer_has_a_card_template():
 
     for trainer in (GNDPOTrainer, PGPOTrainer, DelightTrainer, ProRLTrainer, PurifiedDistillTrainer):
         assert template_path(trainer._card_template).is_file()
+
+
+def test_requires_python_is_what_our_dependencies_require():
+    # trl 1.16 and transformers 5 need Python >= 3.11: a lower floor here would let pip install a broken set.
+    from importlib.metadata import metadata
+
+    from packaging.version import Version
+
+    def floor(spec: str) -> Version:
+        return Version(re.search(r">=\s*([\d.]+)", spec).group(1))
+
+    ours = floor(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    for dist in ("trl", "transformers"):
+        assert ours >= floor(metadata(dist)["Requires-Python"]), (dist, metadata(dist)["Requires-Python"])
+    assert f"Python >= {ours}" in (ROOT / "README.md").read_text()
