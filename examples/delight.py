@@ -27,7 +27,13 @@ import os
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_ext import DelightConfig, DelightTrainer, demo
-from trl_ext.demo.cli import ExampleScriptArguments, demo_reward_summary, parse_example_args, real_model_setup
+from trl_ext.demo.cli import (
+    ExampleScriptArguments,
+    demo_reward_summary,
+    parse_example_args,
+    real_model_setup,
+    wants_eval,
+)
 
 # Demo-sized training settings: the defaults in demo mode (a --config YAML and the command line still win).
 DEMO_SETTINGS = {
@@ -51,18 +57,22 @@ def main(script_args: ExampleScriptArguments, training_args: DelightConfig, mode
     demo_mode = model_args.model_name_or_path is None
     if demo_mode:
         model = demo.student_path(script_args.demo_task)
-        train_dataset = demo.get_task(script_args.demo_task).dataset(script_args.demo_train_size, seed=1)
+        task = demo.get_task(script_args.demo_task)
+        train_dataset = task.dataset(script_args.demo_train_size, seed=1)
+        # Held out: prompts drawn with another seed (from the same small question space).
+        eval_dataset = task.dataset(script_args.demo_eval_size, seed=2) if wants_eval(training_args) else None
         reward_funcs = [demo.task_reward]
     else:
-        model, train_dataset, reward_funcs = real_model_setup(script_args, training_args, model_args)
+        model, train_dataset, eval_dataset, reward_funcs = real_model_setup(script_args, training_args, model_args)
         if reward_funcs is None:
-            raise ValueError("DelightTrainer learns from rewards: pass at least one --reward_funcs.")
+            raise ValueError("DelightTrainer learns from rewards: pass --reward_funcs or --reward_model_name_or_path.")
 
     trainer = DelightTrainer(
         model=model,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )

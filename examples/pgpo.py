@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_ext import PGPOConfig, PGPOTrainer, demo
-from trl_ext.demo.cli import ExampleScriptArguments, demo_reward_summary, parse_example_args, real_model_setup
+from trl_ext.demo.cli import (
+    ExampleScriptArguments,
+    demo_reward_summary,
+    parse_example_args,
+    real_model_setup,
+    wants_eval,
+)
 
 # Demo-sized training settings: the defaults in demo mode (a --config YAML and the command line still win).
 DEMO_SETTINGS = {
@@ -65,17 +71,22 @@ def main(script_args: PGPOScriptArguments, training_args: PGPOConfig, model_args
         task = demo.get_task(script_args.demo_task)
         train_dataset = demo.with_feedback(task.dataset(script_args.demo_train_size, seed=1),
                                            misleading_fraction=script_args.demo_misleading_feedback)
+        # Held out: prompts drawn with another seed, with correct feedback (the self-teacher reads it in eval too).
+        eval_dataset = (demo.with_feedback(task.dataset(script_args.demo_eval_size, seed=2))
+                        if wants_eval(training_args) else None)
         reward_funcs = [demo.task_reward]
     else:
-        model, train_dataset, reward_funcs = real_model_setup(script_args, training_args, model_args)
+        model, train_dataset, eval_dataset, reward_funcs = real_model_setup(script_args, training_args, model_args)
         if reward_funcs is None:
-            raise ValueError("PGPO needs --reward_funcs: rewards decide which siblings are successful demonstrations.")
+            raise ValueError("PGPO needs --reward_funcs or --reward_model_name_or_path: rewards decide which siblings "
+                             "are successful demonstrations.")
 
     trainer = PGPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )

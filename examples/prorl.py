@@ -32,7 +32,13 @@ import os
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_ext import demo
-from trl_ext.demo.cli import ExampleScriptArguments, demo_reward_summary, parse_example_args, real_model_setup
+from trl_ext.demo.cli import (
+    ExampleScriptArguments,
+    demo_reward_summary,
+    parse_example_args,
+    real_model_setup,
+    wants_eval,
+)
 from trl_ext.prorl import ProRLConfig, ProRLTrainer
 
 # Demo-sized training settings: the defaults in demo mode (a --config YAML and the command line still win).
@@ -55,21 +61,16 @@ def main(script_args: ExampleScriptArguments, training_args: ProRLConfig, model_
     demo_mode = model_args.model_name_or_path is None
     if demo_mode:
         model = demo.student_path(script_args.demo_task)
-        train_dataset = demo.get_task(script_args.demo_task).dataset(script_args.demo_train_size, seed=1)
+        task = demo.get_task(script_args.demo_task)
+        train_dataset = task.dataset(script_args.demo_train_size, seed=1)
+        # Held out: prompts drawn with another seed (from the same small question space).
+        eval_dataset = task.dataset(script_args.demo_eval_size, seed=2) if wants_eval(training_args) else None
         reward_funcs = [demo.task_reward]
     else:
-        model, train_dataset, reward_funcs = real_model_setup(script_args, training_args, model_args)
+        model, train_dataset, eval_dataset, reward_funcs = real_model_setup(script_args, training_args, model_args)
         if reward_funcs is None:
-            raise ValueError("ProRL is RL on a reward: pass --reward_funcs with --model_name_or_path.")
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        if demo_mode:
-            eval_dataset = demo.get_task(script_args.demo_task).dataset(64, seed=2)
-        else:
-            from datasets import load_dataset
-
-            eval_dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
-                                        split=script_args.dataset_test_split)
+            raise ValueError("ProRL is RL on a reward: pass --reward_funcs (or --reward_model_name_or_path) with "
+                             "--model_name_or_path.")
 
     trainer = ProRLTrainer(
         model=model,

@@ -27,16 +27,14 @@ Every GRPOConfig/PurifiedDistillConfig/ModelConfig flag works, and `--config rec
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass, field
 
-from datasets import load_dataset
-from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_ext import demo
 from trl_ext.demo import teachers as demo_teachers
-from trl_ext.demo.cli import parse_example_args
+from trl_ext.demo.cli import REWARD_FUNCS_HELP, RewardScriptArguments, parse_example_args, real_model_setup, wants_eval
 from trl_ext.purify import PurifiedDistillConfig, PurifiedDistillTrainer
 
 # Demo-sized training settings: the defaults in demo mode (a --config YAML and the command line still win).
@@ -55,21 +53,19 @@ DEMO_SETTINGS = {
 
 
 @dataclass
-class PurifiedDistillScriptArguments(ScriptArguments):
+class PurifiedDistillScriptArguments(RewardScriptArguments):
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward functions as dotted import paths (e.g. 'trl.rewards.accuracy_reward'). Every purification "
-            "but 'none' needs them (the reward says which teacher is right on a prompt). The demo uses its task "
-            "reward."
+            "help": REWARD_FUNCS_HELP + " Every purification but 'none' needs a reward (it says which teacher is "
+            "right on a prompt)."
         },
     )
     demo_train_size: int = field(default=8000, metadata={"help": "Number of demo training prompts (in-domain)."})
-
-
-def import_callable(path: str):
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    demo_eval_size: int = field(
+        default=64,
+        metadata={"help": "Number of held-out in-domain demo prompts evaluated when --eval_strategy is not 'no'."},
+    )
 
 
 def main(script_args: PurifiedDistillScriptArguments, training_args: PurifiedDistillConfig,
@@ -79,30 +75,22 @@ def main(script_args: PurifiedDistillScriptArguments, training_args: PurifiedDis
         model = demo_teachers.student_path()
         teachers = training_args.teacher_model_names_or_paths or demo_teachers.teacher_paths()
         train_dataset = demo_teachers.in_domain_dataset(script_args.demo_train_size, seed=1)
+        # Held out: in-domain prompts drawn with another seed (from the same small question space).
+        eval_dataset = (demo_teachers.in_domain_dataset(script_args.demo_eval_size, seed=2)
+                        if wants_eval(training_args) else None)
         reward_funcs = [demo.task_reward]
     else:
-        model = model_args.model_name_or_path
-        training_args.model_init_kwargs = {
-            "revision": model_args.model_revision,
-            "attn_implementation": model_args.attn_implementation,
-            "dtype": model_args.dtype,
-            **(training_args.model_init_kwargs or {}),
-        }
         teachers = training_args.teacher_model_names_or_paths
         if not teachers:
             raise ValueError("Pass --teacher_model_names_or_paths (one or more teachers) with --model_name_or_path.")
-        if script_args.dataset_name is None:
-            raise ValueError("Pass --dataset_name (a dataset with a 'prompt' column) with --model_name_or_path.")
-        train_dataset = load_dataset(
-            script_args.dataset_name, name=script_args.dataset_config, split=script_args.dataset_train_split
-        )
-        reward_funcs = [import_callable(path) for path in script_args.reward_funcs or []] or None
+        model, train_dataset, eval_dataset, reward_funcs = real_model_setup(script_args, training_args, model_args)
 
     trainer = PurifiedDistillTrainer(
         model=model,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         teacher_models=teachers,
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
