@@ -445,6 +445,7 @@ def test_model_card(tmp_path, student_path, arithmetic_dataset):
     trainer.create_model_card(model_name="tiny-pgpo", dataset_name="demo/arithmetic")
     card = (tmp_path / "README.md").read_text()
     assert "trained with **PGPO**" in card and "2606.03620" in card and "@article{wang2026pgpo" in card
+    assert "@article{hubotter2026sdpo" in card and "arXiv:2601.20802" in card  # SDPO, the method PGPO builds on
     assert "| `information_estimator` | `verified` |" in card and "| `distillation_alpha` | `0.5` |" in card
     assert "pgpo/multiplier" in card and "(a PEFT adapter)" in card
     assert "pgpo" in card.split("---")[1]  # tag in the front matter
