@@ -79,6 +79,25 @@ def final_metrics(log_history: list[dict], prefixes: tuple[str, ...]) -> dict[st
     return metrics
 
 
+def metric_prefixes(trainer) -> tuple[str, ...]:
+    """The metric prefixes a card shows: the trainer's own and every other trl_ext method's.
+
+    A trainer combining methods logs each one's metrics under that method's prefix (a gated GNDPO trainer logs
+    `gndpo/` and, through `KondoGateMixin`, `delight/`), and only metrics that were logged reach the card, so offering
+    every trl_ext trainer's prefix shows exactly the methods the trainer runs.
+    """
+    from .trainer import ExtGRPOTrainer  # here, not at the top: core/trainer.py imports this module
+
+    prefixes, classes = [trainer._metric_prefix], [ExtGRPOTrainer]
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        prefix = vars(cls).get("_metric_prefix")
+        if cls is not ExtGRPOTrainer and prefix and prefix not in prefixes:
+            prefixes.append(prefix)
+    return tuple(f"{prefix}/" for prefix in prefixes)
+
+
 def render_model_card(trainer, model_name=None, dataset_name=None, tags=None) -> ModelCard:
     from trl import GRPOConfig
 
@@ -93,7 +112,6 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None) ->
         model_name=model_name,
         tags=["generated_from_trainer", *sorted(tag_set)],
     )
-    prefix = trainer._metric_prefix
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path(trainer._card_template)),
@@ -107,7 +125,7 @@ def render_model_card(trainer, model_name=None, dataset_name=None, tags=None) ->
         trainer_citation=trainer._paper.get("citation"),
         settings={name: table_cell(value)
                   for name, value in {**method_settings(trainer.args, GRPOConfig), **trainer.card_settings()}.items()},
-        metrics=final_metrics(trainer.state.log_history, (f"{prefix}/", "reward", "train_loss")),
+        metrics=final_metrics(trainer.state.log_history, (*metric_prefixes(trainer), "reward", "train_loss")),
         global_step=trainer.state.global_step,
         is_peft=is_peft_model(trainer.model),
         versions=package_versions(),
