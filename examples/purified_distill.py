@@ -1,5 +1,7 @@
+# trl-ext is not on PyPI: install it from this repository (`pip install -e .`, see the README) and run this script
+# with that environment (`accelerate launch`, `torchrun` or `python`). The header lists the rest of what it needs.
 # /// script
-# dependencies = ["trl-ext", "trl>=1.16,<1.17", "peft"]
+# dependencies = ["trl>=1.16,<1.17", "peft"]
 # ///
 """Multi-teacher on-policy distillation with knowledge purification (after arXiv 2602.01064).
 
