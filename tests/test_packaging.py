@@ -34,3 +34,9 @@ def test_requires_python_is_what_our_dependencies_require():
     for dist in ("trl", "transformers"):
         assert ours >= floor(metadata(dist)["Requires-Python"]), (dist, metadata(dist)["Requires-Python"])
     assert f"Python >= {ours}" in (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run must install from scratch and run the README's test command, so the two may not drift apart."""
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci_lines[-1] in (ROOT / "README.md").read_text()
