@@ -185,6 +185,28 @@ def test_bad_config_fails_at_construction(tmp_path, overrides, message):
         cpu_config(DelightConfig, tmp_path, **overrides)
 
 
+@pytest.mark.parametrize(
+    "windows",
+    [
+        {"steps_per_generation": 3, "gradient_accumulation_steps": 2},
+        {"steps_per_generation": 2, "gradient_accumulation_steps": 3},
+        {"generation_batch_size": 24, "gradient_accumulation_steps": 2},  # TRL resolves steps_per_generation=3
+    ],
+)
+def test_gate_refuses_rollouts_that_straddle_accumulation_windows(tmp_path, windows):
+    """A window-ending micro-step that the gate skipped would never all-reduce, and DDP replicas would drift."""
+    with pytest.raises(ValueError, match=r"steps_per_generation=[23] and gradient_accumulation_steps=[23]"):
+        cpu_config(DelightConfig, tmp_path, gate="pass_rate", **windows)
+    cpu_config(DelightConfig, tmp_path, gate="none", **windows)  # nothing is packed without the gate
+
+
+@pytest.mark.parametrize(("steps_per_generation", "accumulation"), [(4, 2), (2, 4), (1, 3)])
+def test_gate_accepts_rollouts_that_tile_accumulation_windows(tmp_path, steps_per_generation, accumulation):
+    config = cpu_config(DelightConfig, tmp_path, gate="pass_rate", steps_per_generation=steps_per_generation,
+                        gradient_accumulation_steps=accumulation)
+    assert config.steps_per_generation == steps_per_generation
+
+
 def test_mixin_without_gate_fields_is_rejected(tmp_path, student_path, teacher_path, arithmetic_dataset):
     class Broken(KondoGateMixin, GNDPOTrainer):
         pass

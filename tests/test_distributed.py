@@ -31,14 +31,16 @@ def test_two_ranks_share_global_mean_and_std(tmp_path, student_path, teacher_pat
 
 
 @pytest.mark.slow
-def test_gate_with_different_survivors_per_rank_stays_in_step(tmp_path):
+@pytest.mark.parametrize("steps_per_generation", [4, 2])  # 2: two rollouts per optimizer window of 4 micro-steps
+def test_gate_with_different_survivors_per_rank_stays_in_step(tmp_path, steps_per_generation):
     from trl_ext import demo
 
     demo.student_path("reversal")  # build the model once, before the two ranks start
-    torchrun("delight_two_ranks.py", str(tmp_path))  # a hang would hit the timeout and fail
+    # A hang would hit the timeout and fail.
+    torchrun("delight_two_ranks.py", str(tmp_path), str(steps_per_generation))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0["world_size"] == 2
-    assert len(rank0["kept"]) == len(rank1["kept"]) == 4
+    assert len(rank0["kept"]) == len(rank1["kept"]) == 4 * 4 // steps_per_generation  # 4 optimizer steps
     assert rank0["kept"] != rank1["kept"]  # the ranks really had different numbers of survivors
     assert rank0["history"] == rank1["history"]  # the price history is identical on every rank
     assert rank0["counters"]["micro_batches_skipped"] == rank1["counters"]["micro_batches_skipped"] > 0

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: DG with a Kondo gate whose survivors
-differ between ranks. Each rank writes what it did to <out_dir>/rank<k>.pt."""
+differ between ranks. Each rank writes what it did to <out_dir>/rank<k>.pt. An optional second argument sets
+steps_per_generation (default: gradient_accumulation_steps = 4)."""
 
 import os
 import sys
@@ -10,6 +11,7 @@ from conftest import cpu_config, end_distributed_run  # tests/ is on PYTHONPATH 
 from trl_ext import DelightConfig, DelightTrainer, demo
 
 out_dir = sys.argv[1]
+steps_per_generation = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 rank = int(os.environ["RANK"])
 torch.set_num_threads(1)
 
@@ -30,7 +32,8 @@ args = cpu_config(
     learning_rate=1e-3,
     max_completion_length=6,
     per_device_train_batch_size=2,
-    gradient_accumulation_steps=4,  # 8 rows per rank per generation batch, 4 micro-steps to pack into
+    gradient_accumulation_steps=4,  # by default 8 rows per rank per generation batch, 4 micro-steps to pack into
+    steps_per_generation=steps_per_generation,
     gate="pass_rate",
     gate_pass_rate=0.3,
     ddp_find_unused_parameters=False,

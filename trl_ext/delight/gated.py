@@ -98,12 +98,35 @@ class KondoGateArguments:
             )
         if self.gate_normalizer not in NORMALIZERS:
             raise ValueError(f"Unknown `gate_normalizer={self.gate_normalizer!r}`; choose one of {NORMALIZERS}.")
+        if self.gate != "none" and not windows_tile(self.steps_per_generation, self.gradient_accumulation_steps):
+            # Survivors are packed last in each accumulation window of a rollout's micro-batches; the optimizer's
+            # windows must line up with those, or the window-ending micro-step (where DDP all-reduces) can be a
+            # skipped one and replicas drift apart.
+            raise ValueError(
+                f"The Kondo gate packs survivors into the optimizer's gradient-accumulation windows, which needs one "
+                f"of steps_per_generation and gradient_accumulation_steps to divide the other, but got "
+                f"steps_per_generation={self.steps_per_generation} and gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}. Set steps_per_generation to a multiple or a divisor of "
+                f"gradient_accumulation_steps (TRL's default is equal), or gate='none'."
+            )
         if self.gate != "none" and self.loss_type not in TOKEN_COUNT_LOSSES:
             raise ValueError(
                 f"The Kondo gate needs a loss normalized by the batch's token count, but loss_type="
                 f"{self.loss_type!r} averages over the rows of each micro-batch, so skipped completions would change "
                 f"the scale. Use loss_type in {TOKEN_COUNT_LOSSES} (TRL's default is 'dapo')."
             )
+
+
+def windows_tile(steps_per_generation: int, gradient_accumulation_steps: int) -> bool:
+    """Whether every optimizer window ends on the last micro-step of a packed window.
+
+    Windows are counted in micro-steps from the start of training. When gradient_accumulation_steps (GA) divides
+    steps_per_generation (spg), each rollout holds whole optimizer windows and is packed window by window. When
+    spg divides GA, each optimizer window holds whole rollouts, is closed by a rollout's last micro-step, and each
+    rollout is packed as one window whose last micro-step computes. Otherwise a window can end on a skipped step.
+    """
+    spg, ga = steps_per_generation, gradient_accumulation_steps
+    return spg % ga == 0 or ga % spg == 0
 
 
 class KondoGateMixin:
@@ -174,7 +197,8 @@ class KondoGateMixin:
         buffer = _compat.micro_batch_buffer(self)
         window = self.args.gradient_accumulation_steps
         if len(buffer) % window:
-            window = len(buffer)  # generation batch shorter than an accumulation window: pack it as one
+            # A rollout shorter than an accumulation window (it divides it: see `windows_tile`): pack it as one.
+            window = len(buffer)
         skipped = 0
         for start in range(0, len(buffer), window):
             packed = self._pack_window(buffer[start:start + window])
