@@ -113,8 +113,9 @@ def test_gate_skips_compute_and_keeps_the_gradient(tmp_path, student_path, arith
 
 @pytest.mark.parametrize("rule", ["price", "pass_rate"])
 def test_gate_rules_train_and_log(tmp_path, student_path, arithmetic_dataset, rule):
-    trainer = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=3, gate=rule,
-                           gate_pass_rate=0.5, gradient_accumulation_steps=2, per_device_train_batch_size=8)
+    rule_settings = {"gate_pass_rate": 0.5} if rule == "pass_rate" else {}
+    trainer = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=3, gate=rule, **rule_settings,
+                           gradient_accumulation_steps=2, per_device_train_batch_size=8)
     trainer.train()
     logs = trainer.state.log_history[0]
     for key in ("delight/pass_rate", "delight/completions_skipped", "delight/backward_passes_skipped",
@@ -205,6 +206,59 @@ def test_gate_accepts_rollouts_that_tile_accumulation_windows(tmp_path, steps_pe
     config = cpu_config(DelightConfig, tmp_path, gate="pass_rate", steps_per_generation=steps_per_generation,
                         gradient_accumulation_steps=accumulation)
     assert config.steps_per_generation == steps_per_generation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"gate_pass_rate": 0.3}, r"`gate_pass_rate=0.3` has no effect without gate='pass_rate'"),
+        ({"gate_history_size": 64}, r"`gate_history_size=64` has no effect without gate='pass_rate'"),
+        ({"gate_price": 1.0}, r"`gate_price=1.0` has no effect without gate='price' or gate='threshold'"),
+        ({"gate_eta": 0.5}, r"`gate_eta=0.5` has no effect without gate='price'"),
+        ({"gate_normalizer": "survivors"}, r"`gate_normalizer='survivors'` has no effect without a gate"),
+        ({"gate": "threshold", "gate_pass_rate": 0.3}, r"`gate_pass_rate=0.3` has no effect"),
+        ({"gate": "threshold", "gate_eta": 0.1}, r"`gate_eta=0.1` has no effect"),
+        ({"gate": "pass_rate", "gate_price": 2.0}, r"`gate_price=2.0` has no effect"),
+        ({"gate": "price", "gate_history_size": 64}, r"`gate_history_size=64` has no effect"),
+        ({"delight_weighting": False, "delight_eta": 5.0}, r"`delight_eta=5.0` has no effect without "
+                                                           r"delight_weighting=True"),
+        ({"delight_weighting": False, "delight_price": 1.0}, r"`delight_price=1.0` has no effect"),
+        ({"delight_weighting": False, "delight_stochastic": True}, r"`delight_stochastic=True` has no effect"),
+    ],
+)
+def test_settings_that_would_be_ignored_fail_at_construction(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cpu_config(DelightConfig, tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"gate": "price", "gate_price": 1.0, "gate_eta": 0.5, "gate_normalizer": "survivors"},
+        {"gate": "threshold", "gate_price": 1.0, "gate_surprisal": "policy"},
+        {"gate": "pass_rate", "gate_pass_rate": 0.3, "gate_history_size": 64},
+        {"delight_eta": 2.0, "delight_price": 0.5, "delight_stochastic": True},
+        {"delight_weighting": False, "gate": "threshold"},
+    ],
+)
+def test_settings_that_act_are_accepted(tmp_path, overrides):
+    cpu_config(DelightConfig, tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"entropy_coef": 0.1}, "entropy_coef=0.1"),
+        ({"use_adaptive_entropy": True}, "use_adaptive_entropy=True"),
+        ({"top_entropy_quantile": 0.2}, "top_entropy_quantile=0.2"),
+    ],
+)
+def test_gate_refuses_trl_entropy_terms(tmp_path, overrides, message):
+    """The gate would rescale TRL's entropy bonus (a per-micro-batch mean, so skipped micro-steps drop out) and take
+    the entropy quantile over survivors only."""
+    with pytest.raises(ValueError, match=message):
+        cpu_config(DelightConfig, tmp_path, gate="threshold", **overrides)
+    cpu_config(DelightConfig, tmp_path, **overrides)  # without the gate TRL's terms are unchanged
 
 
 def test_mixin_without_gate_fields_is_rejected(tmp_path, student_path, teacher_path, arithmetic_dataset):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..core.ignored_settings import raise_for_ignored_settings
 from .gated import KondoGateArguments
 
 
@@ -22,7 +23,9 @@ class DelightConfig(KondoGateArguments, GRPOConfig):
         },
     )
     delight_eta: float = field(
-        default=1.0, metadata={"help": "Temperature eta of the delight sigmoid (paper and egg: 1.0). Must be > 0."}
+        default=1.0,
+        metadata={"help": "Temperature eta of the delight sigmoid (paper and egg: 1.0). Must be > 0. Only with "
+                  "delight_weighting=True, like delight_price and delight_stochastic."},
     )
     delight_price: float = field(
         default=0.0, metadata={"help": "Offset lambda inside the delight sigmoid (egg default: 0)."}
@@ -47,3 +50,7 @@ class DelightConfig(KondoGateArguments, GRPOConfig):
                 f"`delight_eta` must be > 0, got {self.delight_eta}. It is the temperature of the delight sigmoid; "
                 "the paper uses 1.0."
             )
+        weighting = (self.delight_weighting, "delight_weighting=True")
+        raise_for_ignored_settings(self, {
+            "delight_eta": weighting, "delight_price": weighting, "delight_stochastic": weighting,
+        })

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .. import _compat
+from ..core.ignored_settings import raise_for_ignored_settings
 from ..core.rows import concat_rows, take_rows
 from ..core.stats import masked_moments
 from .delight import sequence_delight, surprisal, token_delight
@@ -45,18 +46,23 @@ class KondoGateArguments:
     )
     gate_price: float = field(
         default=0.0,
-        metadata={"help": "Compute price lambda for the 'price' and 'threshold' rules (0 = zero-price gating)."},
+        metadata={"help": "Compute price lambda for the 'price' and 'threshold' rules (0 = zero-price gating); "
+                  "'pass_rate' sets its own price, so setting this with it raises."},
     )
     gate_eta: float = field(
-        default=1.0, metadata={"help": "Temperature eta of the 'price' rule's sigmoid (paper: 1.0). Must be > 0."}
+        default=1.0,
+        metadata={"help": "Temperature eta of the 'price' rule's sigmoid (paper: 1.0). Must be > 0. Only the 'price' "
+                  "rule uses it ('threshold' is its eta -> 0 limit)."},
     )
     gate_pass_rate: float = field(
         default=0.2,
-        metadata={"help": "Target pass rate rho in (0, 1] of the 'pass_rate' rule (1 = keep everything)."},
+        metadata={"help": "Target pass rate rho in (0, 1] of the 'pass_rate' rule (1 = keep everything); only that "
+                  "rule uses it."},
     )
     gate_history_size: int = field(
         default=1024,
-        metadata={"help": "Number of recent completion delights whose quantile sets the 'pass_rate' price."},
+        metadata={"help": "Number of recent completion delights whose quantile sets the 'pass_rate' price (only "
+                  "that rule uses it)."},
     )
     gate_surprisal: str = field(
         default="policy",
@@ -98,6 +104,9 @@ class KondoGateArguments:
             )
         if self.gate_normalizer not in NORMALIZERS:
             raise ValueError(f"Unknown `gate_normalizer={self.gate_normalizer!r}`; choose one of {NORMALIZERS}.")
+        self._check_no_gate_setting_is_ignored()
+        if self.gate != "none":
+            self._check_trl_entropy_terms()
         if self.gate != "none" and not windows_tile(self.steps_per_generation, self.gradient_accumulation_steps):
             # Survivors are packed last in each accumulation window of a rollout's micro-batches; the optimizer's
             # windows must line up with those, or the window-ending micro-step (where DDP all-reduces) can be a
@@ -114,6 +123,34 @@ class KondoGateArguments:
                 f"The Kondo gate needs a loss normalized by the batch's token count, but loss_type="
                 f"{self.loss_type!r} averages over the rows of each micro-batch, so skipped completions would change "
                 f"the scale. Use loss_type in {TOKEN_COUNT_LOSSES} (TRL's default is 'dapo')."
+            )
+
+    def _check_no_gate_setting_is_ignored(self) -> None:
+        # gate_eta only tempers the 'price' rule's sigmoid; 'threshold' is its eta -> 0 limit and ignores it.
+        raise_for_ignored_settings(self, {
+            "gate_price": (self.gate in ("price", "threshold"), "gate='price' or gate='threshold'"),
+            "gate_eta": (self.gate == "price", "gate='price'"),
+            "gate_pass_rate": (self.gate == "pass_rate", "gate='pass_rate'"),
+            "gate_history_size": (self.gate == "pass_rate", "gate='pass_rate'"),
+            "gate_surprisal": (self.gate != "none", "a gate (gate='price', 'threshold' or 'pass_rate')"),
+            "gate_normalizer": (self.gate != "none", "a gate (gate='price', 'threshold' or 'pass_rate')"),
+        })
+
+    def _check_trl_entropy_terms(self) -> None:
+        """TRL's entropy terms act per micro-batch, which the gate re-packs: refuse them rather than change them."""
+        bonus = "use_adaptive_entropy=True" if self.use_adaptive_entropy else f"entropy_coef={self.entropy_coef}"
+        if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
+            raise ValueError(
+                f"`{bonus}` adds TRL's entropy bonus, a mean over each micro-batch's tokens divided by "
+                "gradient_accumulation_steps; the Kondo gate skips micro-steps, so the bonus's total weight would "
+                "shrink with the number of micro-batches the survivors fill. Set entropy_coef=0.0 and "
+                "use_adaptive_entropy=False, or gate='none'."
+            )
+        if self.top_entropy_quantile != 1.0:
+            raise ValueError(
+                f"`top_entropy_quantile={self.top_entropy_quantile}` keeps the highest-entropy tokens of each "
+                "micro-batch; the Kondo gate packs only survivors into micro-batches, so the quantile would be taken "
+                "over survivors instead of TRL's batch. Set top_entropy_quantile=1.0, or gate='none'."
             )
 
 
