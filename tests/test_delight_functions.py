@@ -10,6 +10,7 @@ from trl_ext.delight import (
     concat_rows,
     delight_weights,
     gate_decisions,
+    masked,
     pack_survivors,
     quantile_price,
     sequence_delight,
@@ -55,6 +56,44 @@ def test_sequence_delight_is_token_mean_over_valid_tokens():
     chi = torch.tensor([[1.0, 3.0, 100.0], [2.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
     torch.testing.assert_close(sequence_delight(chi, mask), torch.tensor([2.0, 0.0]))
+
+
+def test_non_finite_log_probs_on_masked_tokens_stay_out():
+    """vLLM's sampler log-probs can be NaN (or -inf) on padding; NaN * 0 = NaN, so masking must select."""
+    nan, inf = float("nan"), float("inf")
+    logps = torch.tensor([[-1.0, nan, -inf], [-0.5, -1.5, nan]])
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    chi = token_delight(torch.tensor([2.0, -1.0]), surprisal(logps))  # [[2, nan, inf], [-0.5, -1.5, nan]]
+    torch.testing.assert_close(masked(chi, mask), torch.tensor([[2.0, 0.0, 0.0], [-0.5, -1.5, 0.0]]))
+    torch.testing.assert_close(sequence_delight(chi, mask), torch.tensor([2.0, -1.0]))
+
+
+def test_non_finite_delight_never_passes_a_gate():
+    chi = torch.tensor([float("nan"), float("inf"), float("-inf"), 1.0, -1.0])
+    assert gate_decisions(chi, "threshold", price=0.0).tolist() == [False, False, False, True, False]
+    assert gate_decisions(chi, "pass_rate", price=-5.0).tolist() == [False, False, False, True, True]
+    keep = gate_decisions(chi, "price", price=0.0, eta=1e-3, generator=torch.Generator().manual_seed(0))
+    assert keep.tolist() == [False, False, False, True, False]  # sigmoid(+inf) = 1 would always pass
+    assert gate_decisions(chi, "none").all()  # no gate: everything is kept, as without trl_ext's gate
+
+
+def test_non_finite_delight_stays_out_of_the_pass_rate_history():
+    nan, inf = float("nan"), float("inf")
+    gate = KondoGate("pass_rate", price=0.0, eta=1.0, pass_rate=0.5, history_size=8, seed=0)
+    # History [1, 2, 3]: the median price is 2, and only 3 passes (NaN and inf never do).
+    assert gate.decide(torch.tensor([nan, 1.0, 2.0, 3.0, inf])).tolist() == [False, False, False, True, False]
+    assert list(gate.history) == [1.0, 2.0, 3.0] and gate.last_price == 2.0
+    # A clean batch afterwards still gates normally: history [1, 2, 3, 0, 4], median 2.
+    assert gate.decide(torch.tensor([0.0, 4.0])).tolist() == [False, True]
+    assert gate.last_price == 2.0
+
+
+def test_pass_rate_gate_with_no_finite_delight_yet_keeps_nothing():
+    gate = KondoGate("pass_rate", price=0.0, eta=1.0, pass_rate=0.5, history_size=8, seed=0)
+    assert gate.decide(torch.tensor([float("nan"), float("-inf")])).tolist() == [False, False]
+    assert not gate.history and gate.last_price == float("inf")
+    everything = KondoGate("pass_rate", price=0.0, eta=1.0, pass_rate=1.0, history_size=8, seed=0)
+    assert everything.decide(torch.tensor([float("nan"), 0.5])).tolist() == [False, True]
 
 
 def test_gate_rules_by_hand():

@@ -17,6 +17,12 @@ def test_masked_moments_by_hand():
     assert masked_mean(values, mask).item() == pytest.approx(2.5)
 
 
+def test_masked_moments_ignore_non_finite_values_where_masked():
+    values = torch.tensor([1.0, 3.0, float("nan"), float("-inf")])
+    moments = masked_moments(values, torch.tensor([1, 1, 0, 0]))
+    assert moments.count.item() == 2 and moments.mean.item() == 2.0 and moments.var.item() == 2.0
+
+
 def test_reduce_sum_combines_processes():
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
     ones = torch.ones(2)

@@ -41,8 +41,10 @@ def masked_moments(
 
     Moments are accumulated in float64 so that the sum-of-squares form stays accurate for large batches.
     """
-    weights = (mask != 0).to(torch.float64)
-    x = values.to(torch.float64) * weights
+    valid = mask != 0
+    weights = valid.to(torch.float64)
+    x = values.to(torch.float64)
+    x = torch.where(valid, x, torch.zeros_like(x))  # selected, not multiplied: a NaN where masked stays out
     local = torch.stack([weights.sum(), x.sum(), (x * x).sum()])
     count, total, total_sq = reduce_sum(local).unbind()
     safe_count = count.clamp(min=1.0)

@@ -1,5 +1,5 @@
 from .config import DelightConfig
-from .delight import delight_weights, sequence_delight, surprisal, token_delight
+from .delight import delight_weights, masked, sequence_delight, surprisal, token_delight
 from .gate import GATE_RULES, KondoGate, gate_decisions, quantile_price
 from .gated import KondoGateArguments, KondoGateMixin
 from ..core.rows import concat_rows, take_rows
@@ -16,6 +16,7 @@ __all__ = [
     "concat_rows",
     "delight_weights",
     "gate_decisions",
+    "masked",
     "pack_survivors",
     "quantile_price",
     "sequence_delight",

@@ -40,11 +40,17 @@ def delight_weights(
     return (uniform.to(probabilities.device) < probabilities).to(probabilities.dtype)
 
 
+def masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`values` on valid tokens, 0 elsewhere. Selected, not multiplied: log-probs on masked-out positions may be NaN
+    or -inf (vLLM's sampler log-probs are), and NaN * 0 = NaN would leak into sums over the completion."""
+    return torch.where(mask.bool(), values, torch.zeros_like(values))
+
+
 def sequence_delight(token_delights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A completion's delight: the token-mean of chi_t over its valid tokens (0 for an empty completion).
 
     The gate acts on whole completions (skipping a token saves no transformer compute), so it needs one number
     per completion; the mean keeps long and short completions on the same scale.
     """
-    mask = mask.to(token_delights.dtype)
-    return (token_delights * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    count = mask.to(token_delights.dtype).sum(-1).clamp(min=1.0)
+    return masked(token_delights, mask).sum(-1) / count

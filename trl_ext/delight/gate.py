@@ -6,6 +6,10 @@ Gate rules, on one delight value chi per completion of the whole generation batc
     "pass_rate"  keep = chi > price_k, price_k = the (1 - rho) quantile of a rolling delight history
                  (this batch included), so about a fraction rho of completions pass
 Every rank holds the same history and draws from the same generator, so decisions agree across processes.
+
+A non-finite delight (NaN or +-inf: from a NaN or -inf log-prob, e.g. vLLM's sampler) never passes and never enters
+the history. It carries no usable priority, a backward pass on its completion risks a non-finite gradient, and
+one NaN in the history would make every later quantile price NaN and silently close the gate.
 """
 
 from __future__ import annotations
@@ -29,16 +33,21 @@ def gate_decisions(
     eta: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Boolean keep-mask for completions with sequence delight `delight` (N,) under a fixed price."""
+    """Boolean keep-mask for completions with sequence delight `delight` (N,) under a fixed price; a non-finite
+    delight never passes (except with rule 'none', which keeps everything)."""
+    delight = delight.detach().to(torch.float64).cpu()
     if rule == "none":
         return torch.ones_like(delight, dtype=torch.bool)
     if rule == "price":
-        probabilities = torch.sigmoid((delight.to(torch.float64) - price) / eta)
+        probabilities = torch.sigmoid((delight - price) / eta)
+        # One draw per completion, finite or not, so the generator's stream does not depend on the values.
         uniform = torch.rand(probabilities.shape, generator=generator, dtype=torch.float64)
-        return uniform < probabilities.cpu()
-    if rule in ("threshold", "pass_rate"):
-        return (delight.to(torch.float64) > price).cpu()
-    raise ValueError(f"Unknown gate rule {rule!r}; expected one of {GATE_RULES}.")
+        keep = uniform < probabilities
+    elif rule in ("threshold", "pass_rate"):
+        keep = delight > price
+    else:
+        raise ValueError(f"Unknown gate rule {rule!r}; expected one of {GATE_RULES}.")
+    return keep & torch.isfinite(delight)
 
 
 class KondoGate:
@@ -63,10 +72,14 @@ class KondoGate:
         delight = delight.detach().to(torch.float64).cpu()
         price: float | torch.Tensor = self.price
         if self.rule == "pass_rate":
-            self.history.extend(delight.tolist())
+            finite = torch.isfinite(delight)
+            self.history.extend(delight[finite].tolist())
             if self.pass_rate >= 1.0:
-                keep = torch.ones_like(delight, dtype=torch.bool)
+                keep = finite
                 price = float("-inf")
+            elif not self.history:  # no finite delight seen yet: no price can be set, and nothing here may pass
+                keep = torch.zeros_like(delight, dtype=torch.bool)
+                price = float("inf")
             else:
                 price = quantile_price(torch.tensor(list(self.history)), self.pass_rate)
                 keep = gate_decisions(delight, "pass_rate", price)

@@ -215,8 +215,10 @@ class KondoGateMixin:
             kept_tokens = (mask * keep.unsqueeze(1)).sum()
             rollout["num_items_in_batch"] = self.accelerator.gather(kept_tokens).sum()
 
-        moments = masked_moments(all_chi, torch.ones_like(all_chi))
+        finite = torch.isfinite(all_chi)
+        moments = masked_moments(all_chi, finite)
         self._metrics["train"]["delight/pass_rate"].append(keep_all.float().mean().item())
+        self._metrics["train"]["delight/nonfinite_delights"].append(float((~finite).sum().item()))
         self._metrics["train"]["delight/completions_skipped"].append(float((~keep_all).sum().item()))
         self._metrics["train"]["delight/price"].append(self.kondo_gate.last_price)
         self._metrics["train"]["delight/sequence_delight_mean"].append(moments.mean.item())

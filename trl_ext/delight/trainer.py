@@ -9,7 +9,7 @@ import torch
 from ..core import ExtGRPOTrainer, masked_moments
 from ..core.trainer import resolve_config
 from .config import DelightConfig
-from .delight import delight_weights, surprisal, token_delight
+from .delight import delight_weights, masked, surprisal, token_delight
 from .gated import KondoGateMixin
 
 
@@ -58,7 +58,7 @@ class DelightTrainer(KondoGateMixin, ExtGRPOTrainer):
         group_advantages = rollout["advantages"]  # (B,) from TRL
         rollout["delight_group_advantages"] = group_advantages
         if self.args.delight_weighting:
-            mask = self.loss_mask(rollout).to(torch.float32)
+            mask = self.loss_mask(rollout)
             chi = token_delight(group_advantages, surprisal(self.student_logps(rollout)).float())
             generator = None
             if self.args.delight_stochastic:
@@ -67,7 +67,7 @@ class DelightTrainer(KondoGateMixin, ExtGRPOTrainer):
                 generator = torch.Generator().manual_seed(seed)
             weights = delight_weights(chi, self.args.delight_eta, self.args.delight_price,
                                       self.args.delight_stochastic, generator)
-            rollout["advantages"] = weights * group_advantages.unsqueeze(1) * mask
+            rollout["advantages"] = masked(weights * group_advantages.unsqueeze(1), mask)
             self.log_metric("weight_mean", masked_moments(weights, mask, self.reduce_sum, unbiased=False).mean)
             self.log_metric("token_delight_mean", masked_moments(chi, mask, self.reduce_sum, unbiased=False).mean)
         return super()._postprocess_rollout(inputs, rollout)
