@@ -134,6 +134,45 @@ def test_stochastic_weights_and_plain_pg_with_gate(tmp_path, student_path, arith
     assert "delight/pass_rate" in trainer.state.log_history[0]
 
 
+def recorded_weight_seeds(monkeypatch) -> list[int]:
+    """The seeds of the generators DG's stochastic weights draw from, one per rollout, as they are used."""
+    import trl_ext.delight.trainer as delight_trainer
+
+    seeds, original = [], delight_trainer.delight_weights
+
+    def spy(chi, eta, price, stochastic, generator):
+        seeds.append(generator.initial_seed())
+        return original(chi, eta, price, stochastic, generator)
+
+    monkeypatch.setattr(delight_trainer, "delight_weights", spy)
+    return seeds
+
+
+def test_stochastic_weights_draw_new_uniforms_for_every_rollout(tmp_path, student_path, arithmetic_dataset,
+                                                                monkeypatch):
+    """Two rollouts per optimizer step (steps_per_generation < gradient_accumulation_steps) must not share draws."""
+    seeds = recorded_weight_seeds(monkeypatch)
+    trainer = make_trainer(tmp_path, student_path, arithmetic_dataset, delight_stochastic=True, max_steps=2,
+                           per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=1)
+    trainer.train()
+    assert len(seeds) == 4 and len(set(seeds)) == 4
+    assert trainer.delight_rollouts.count == 4
+
+
+def test_stochastic_weights_continue_their_stream_after_resume(tmp_path, student_path, arithmetic_dataset,
+                                                               monkeypatch):
+    seeds = recorded_weight_seeds(monkeypatch)
+    make_trainer(tmp_path / "straight", student_path, arithmetic_dataset, delight_stochastic=True, max_steps=3).train()
+    straight = list(seeds)
+    make_trainer(tmp_path / "run", student_path, arithmetic_dataset, delight_stochastic=True, max_steps=2,
+                 save_strategy="steps", save_steps=2).train()
+    seeds.clear()
+    resumed = make_trainer(tmp_path / "run", student_path, arithmetic_dataset, delight_stochastic=True, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.delight_rollouts.count == 3
+    assert seeds == straight[2:]  # the third rollout draws what it would have drawn without the restart
+
+
 def test_checkpoint_resume_keeps_the_price_history(tmp_path, student_path, arithmetic_dataset):
     trainer = make_trainer(tmp_path, student_path, arithmetic_dataset, gate="pass_rate", gate_pass_rate=0.5,
                            save_strategy="steps", save_steps=2, max_steps=2)

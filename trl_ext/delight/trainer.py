@@ -13,6 +13,19 @@ from .delight import delight_weights, masked, surprisal, token_delight
 from .gated import KondoGateMixin
 
 
+class RolloutCounter:
+    """How many rollouts (training and evaluation) the trainer has weighted; identical on every rank."""
+
+    def __init__(self):
+        self.count = 0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+
 class DelightTrainer(KondoGateMixin, ExtGRPOTrainer):
     """Drop-in replacement for `trl.GRPOTrainer` that weights every token's advantage by its delight.
 
@@ -49,6 +62,19 @@ class DelightTrainer(KondoGateMixin, ExtGRPOTrainer):
     def __init__(self, model, reward_funcs=None, args: DelightConfig | None = None, *more, **kwargs):
         args = resolve_config(model, args, DelightConfig, "Delight")
         super().__init__(model, reward_funcs, args, *more, **kwargs)
+        self.delight_rollouts = RolloutCounter()
+        if args.delight_weighting and args.delight_stochastic:
+            # It seeds the Bernoulli draws: resuming must continue the stream, not restart it.
+            self.register_state("delight_rollouts", self.delight_rollouts)
+
+    def _weight_generator(self) -> torch.Generator:
+        """A fresh generator per rollout, seeded by (seed, rollout index, rank): every rollout draws new uniforms,
+        also when several share an optimizer step (steps_per_generation < gradient_accumulation_steps) or during
+        evaluation, and each rank draws its own for its own rows. The index is the same on every rank and saved."""
+        rollout = self.delight_rollouts.count
+        self.delight_rollouts.count += 1
+        seed = (self.args.seed * 1_000_003 + rollout) * 1009 + self.accelerator.process_index
+        return torch.Generator().manual_seed(seed)
 
     def _gate_advantages(self, rollout: dict[str, Any]) -> torch.Tensor:
         # The gate prices raw delight U * l (egg's Kondo priority), not the DG-weighted advantage.
@@ -60,11 +86,7 @@ class DelightTrainer(KondoGateMixin, ExtGRPOTrainer):
         if self.args.delight_weighting:
             mask = self.loss_mask(rollout)
             chi = token_delight(group_advantages, surprisal(self.student_logps(rollout)).float())
-            generator = None
-            if self.args.delight_stochastic:
-                # Seeded by (seed, step, rank): reproducible, and resuming from a checkpoint continues the stream.
-                seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1009 + self.accelerator.process_index
-                generator = torch.Generator().manual_seed(seed)
+            generator = self._weight_generator() if self.args.delight_stochastic else None
             weights = delight_weights(chi, self.args.delight_eta, self.args.delight_price,
                                       self.args.delight_stochastic, generator)
             rollout["advantages"] = masked(weights * group_advantages.unsqueeze(1), mask)
