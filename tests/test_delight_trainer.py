@@ -179,11 +179,32 @@ def test_checkpoint_resume_keeps_the_price_history(tmp_path, student_path, arith
     trainer.train()
     saved = trainer.kondo_gate.state_dict()
     assert len(saved["history"]) == 16 and saved["decisions_made"] == 2
+    saved_counters = dict(trainer.gate_counters)
+    assert saved_counters["completions"] == 16 and saved_counters["micro_batches"] == 2
     resumed_run = make_trainer(tmp_path, student_path, arithmetic_dataset, gate="pass_rate", gate_pass_rate=0.5,
                                max_steps=3)
     resumed_run.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert resumed_run.kondo_gate.decisions_made == 3 and len(resumed_run.kondo_gate.history) == 24
     assert list(resumed_run.kondo_gate.history)[:16] == saved["history"]  # the restored history, then one batch
+    # The counters go on from the saved totals: one more generation batch of 8 completions in 1 micro-batch.
+    counters = resumed_run.gate_counters
+    assert counters["completions"] == 24 and counters["micro_batches"] == 3
+    assert saved_counters["completions_kept"] <= counters["completions_kept"] <= saved_counters["completions_kept"] + 8
+
+
+def test_resume_without_the_gate_from_a_plain_grpo_checkpoint(tmp_path, student_path, arithmetic_dataset):
+    """A checkpoint without trl_ext state (written by GRPOTrainer) resumes, unless a gate needs its state."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    GRPOTrainer(model=student_path, reward_funcs=[demo.task_reward], train_dataset=arithmetic_dataset,
+                args=cpu_config(GRPOConfig, tmp_path, save_strategy="steps", save_steps=2)).train()
+    checkpoint = str(tmp_path / "checkpoint-2")
+    resumed = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=3)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.state.global_step == 3
+    gated = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=3, gate="threshold")
+    with pytest.raises(FileNotFoundError, match="kondo_gate"):
+        gated.train(resume_from_checkpoint=checkpoint)
 
 
 @dataclass

@@ -166,6 +166,20 @@ def windows_tile(steps_per_generation: int, gradient_accumulation_steps: int) ->
     return spg % ga == 0 or ga % spg == 0
 
 
+class GateCounters(dict):
+    """Running totals of the gate's work over the whole run, a dict that checkpoints save and resuming restores."""
+
+    def __init__(self):
+        super().__init__(micro_batches=0, micro_batches_skipped=0, completions=0, completions_kept=0)
+
+    def state_dict(self) -> dict:
+        return dict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clear()
+        self.update(state)
+
+
 class KondoGateMixin:
     """Put before an `ExtGRPOTrainer` subclass in the bases; its config must include `KondoGateArguments`."""
 
@@ -176,12 +190,15 @@ class KondoGateMixin:
             raise TypeError(f"{type(self).__name__} needs a config that includes KondoGateArguments.")
         self.kondo_gate = KondoGate(args.gate, args.gate_price, args.gate_eta, args.gate_pass_rate,
                                     args.gate_history_size, seed=args.seed)
-        self.register_state("kondo_gate", self.kondo_gate)
+        self.gate_counters = GateCounters()
+        if args.gate != "none":
+            # Only a gate has state: without one, checkpoints of plain GRPOTrainer (no trl_ext state) still resume.
+            self.register_state("kondo_gate", self.kondo_gate)
+            self.register_state("gate_counters", self.gate_counters)
         # Sharded models (ZeRO-3, FSDP) all-gather weights inside forward, so every rank must run a forward on every
         # micro-step: there, skipped micro-steps run a one-row, zero-weight forward instead of nothing. Plain DDP and
         # single processes skip them entirely.
         self._gate_always_forward = self.is_deepspeed_enabled or self.is_fsdp_enabled
-        self.gate_counters = {"micro_batches": 0, "micro_batches_skipped": 0, "completions": 0, "completions_kept": 0}
 
     @property
     def _gate_active(self) -> bool:
