@@ -321,6 +321,22 @@ def test_gate_refuses_trl_entropy_terms(tmp_path, overrides, message):
     cpu_config(DelightConfig, tmp_path, **overrides)  # without the gate TRL's terms are unchanged
 
 
+def test_gate_refuses_image_datasets_at_construction(tmp_path, student_path, teacher_path, arithmetic_dataset,
+                                                     monkeypatch):
+    from trl import GRPOTrainer
+
+    images = arithmetic_dataset.add_column("image", [None] * len(arithmetic_dataset))
+    started, original = [], GRPOTrainer.__init__
+    monkeypatch.setattr(GRPOTrainer, "__init__", lambda self, *a, **k: started.append(1) or original(self, *a, **k))
+    with pytest.raises(NotImplementedError, match=r"image column\(s\) \['image'\].*gate='threshold'"):
+        make_trainer(tmp_path, student_path, images, gate="threshold")
+    assert not started  # DelightTrainer refuses before GRPOTrainer loads any weights
+    gated_gndpo = cpu_config(GatedGNDPOConfig, tmp_path, gate="threshold", loss_type="dapo")
+    with pytest.raises(NotImplementedError, match=r"image column\(s\) \['image'\]"):  # any trainer with the mixin
+        GatedGNDPOTrainer(model=student_path, args=gated_gndpo, train_dataset=images, teacher_model=teacher_path)
+    make_trainer(tmp_path, student_path, images)  # without the gate nothing is re-packed
+
+
 def test_mixin_without_gate_fields_is_rejected(tmp_path, student_path, teacher_path, arithmetic_dataset):
     class Broken(KondoGateMixin, GNDPOTrainer):
         pass

@@ -21,6 +21,7 @@ from .. import _compat
 from ..core.ignored_settings import raise_for_ignored_settings
 from ..core.rows import concat_rows, take_rows
 from ..core.stats import masked_moments
+from ..core.trainer import image_columns
 from .delight import sequence_delight, surprisal, token_delight
 from .gate import GATE_RULES, KondoGate
 from .packing import chunks_needed, pack_survivors
@@ -166,6 +167,17 @@ def windows_tile(steps_per_generation: int, gradient_accumulation_steps: int) ->
     return spg % ga == 0 or ga % spg == 0
 
 
+def refuse_image_datasets(args, train_dataset) -> None:
+    """The gate re-packs micro-batches row by row, which TRL's image inputs (pixel values with a per-row image
+    count) do not allow: refuse an image dataset when the trainer is built rather than at the first rollout."""
+    images = image_columns(train_dataset)
+    if images and getattr(args, "gate", "none") != "none":
+        raise NotImplementedError(
+            f"The training dataset has image column(s) {images}, but the Kondo gate (gate={args.gate!r}) re-packs "
+            "micro-batches row by row and supports text models only. Use a text-only dataset, or gate='none'."
+        )
+
+
 class GateCounters(dict):
     """Running totals of the gate's work over the whole run, a dict that checkpoints save and resuming restores."""
 
@@ -188,6 +200,7 @@ class KondoGateMixin:
         args = self.args
         if not isinstance(args, KondoGateArguments):
             raise TypeError(f"{type(self).__name__} needs a config that includes KondoGateArguments.")
+        refuse_image_datasets(args, self.train_dataset)  # DelightTrainer checks earlier, before loading weights
         self.kondo_gate = KondoGate(args.gate, args.gate_price, args.gate_eta, args.gate_pass_rate,
                                     args.gate_history_size, seed=args.seed)
         self.gate_counters = GateCounters()
@@ -220,6 +233,8 @@ class KondoGateMixin:
         if not self._gate_active:
             return rollout
         if any(key in rollout for key in ("pixel_values", "num_images")):
+            # Datasets with image columns are refused at construction; images can still come from elsewhere (an
+            # iterable dataset without column names, a rollout_func).
             raise NotImplementedError("The Kondo gate re-packs micro-batches row by row and supports text models only.")
         mask = self.loss_mask(rollout)
         chi = sequence_delight(token_delight(self._gate_advantages(rollout), self._gate_surprisals(rollout)), mask)

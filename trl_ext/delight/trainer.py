@@ -10,7 +10,7 @@ from ..core import ExtGRPOTrainer, masked_moments
 from ..core.trainer import resolve_config
 from .config import DelightConfig
 from .delight import delight_weights, masked, surprisal, token_delight
-from .gated import KondoGateMixin
+from .gated import KondoGateMixin, refuse_image_datasets
 
 
 class RolloutCounter:
@@ -61,6 +61,7 @@ class DelightTrainer(KondoGateMixin, ExtGRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: DelightConfig | None = None, *more, **kwargs):
         args = resolve_config(model, args, DelightConfig, "Delight")
+        refuse_image_datasets(args, more[0] if more else kwargs.get("train_dataset"))
         super().__init__(model, reward_funcs, args, *more, **kwargs)
         self.delight_rollouts = RolloutCounter()
         if args.delight_weighting and args.delight_stochastic:
