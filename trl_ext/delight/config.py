@@ -24,8 +24,10 @@ class DelightConfig(KondoGateArguments, GRPOConfig):
     )
     delight_eta: float = field(
         default=1.0,
-        metadata={"help": "Temperature eta of the delight sigmoid (paper and egg: 1.0). Must be > 0. Only with "
-                  "delight_weighting=True, like delight_price and delight_stochastic."},
+        metadata={"help": "Temperature eta of the delight sigmoid (paper and egg: 1.0, for a raw U). Must be > 0. "
+                  "Only with delight_weighting=True, like delight_price and delight_stochastic. With "
+                  "multi_objective_aggregation='normalize_then_sum' TRL std-normalizes U whatever scale_rewards "
+                  "says, which changes eta's calibration."},
     )
     delight_price: float = field(
         default=0.0, metadata={"help": "Offset lambda inside the delight sigmoid (egg default: 0)."}
@@ -38,7 +40,8 @@ class DelightConfig(KondoGateArguments, GRPOConfig):
         default="none",
         metadata={
             "help": "How TRL scales the group advantage U = r - mean(group). DG uses no std scaling ('none', the "
-            "paper's convention; eta is calibrated for it); 'group' and 'batch' are TRL's alternatives.",
+            "paper's convention; eta is calibrated for it); 'group' and 'batch' are TRL's alternatives. "
+            "multi_objective_aggregation='normalize_then_sum' std-normalizes U regardless of this setting.",
             "choices": ["none", "group", "batch"],
         },
     )
