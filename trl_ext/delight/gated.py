@@ -178,18 +178,18 @@ def refuse_image_datasets(args, train_dataset) -> None:
         )
 
 
-class GateCounters(dict):
-    """Running totals of the gate's work over the whole run, a dict that checkpoints save and resuming restores."""
+class SavedDict:
+    """Checkpoints a plain dict (e.g. the gate's counters) in place, so that it stays a plain dict for its users."""
 
-    def __init__(self):
-        super().__init__(micro_batches=0, micro_batches_skipped=0, completions=0, completions_kept=0)
+    def __init__(self, values: dict):
+        self.values = values
 
     def state_dict(self) -> dict:
-        return dict(self)
+        return dict(self.values)
 
     def load_state_dict(self, state: dict) -> None:
-        self.clear()
-        self.update(state)
+        self.values.clear()
+        self.values.update(state)
 
 
 class KondoGateMixin:
@@ -203,11 +203,12 @@ class KondoGateMixin:
         refuse_image_datasets(args, self.train_dataset)  # DelightTrainer checks earlier, before loading weights
         self.kondo_gate = KondoGate(args.gate, args.gate_price, args.gate_eta, args.gate_pass_rate,
                                     args.gate_history_size, seed=args.seed)
-        self.gate_counters = GateCounters()
+        # Running totals of the gate's work over the whole run.
+        self.gate_counters = {"micro_batches": 0, "micro_batches_skipped": 0, "completions": 0, "completions_kept": 0}
         if args.gate != "none":
             # Only a gate has state: without one, checkpoints of plain GRPOTrainer (no trl_ext state) still resume.
             self.register_state("kondo_gate", self.kondo_gate)
-            self.register_state("gate_counters", self.gate_counters)
+            self.register_state("gate_counters", SavedDict(self.gate_counters))
         # Sharded models (ZeRO-3, FSDP) all-gather weights inside forward, so every rank must run a forward on every
         # micro-step: there, skipped micro-steps run a one-row, zero-weight forward instead of nothing. Plain DDP and
         # single processes skip them entirely.
