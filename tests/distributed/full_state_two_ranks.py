@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from conftest import end_distributed_run  # tests/ is on PYTHONPATH (see conftest.torchrun)
 from trl_ext.core.full_state import full_tensors, load_full_tensors
 
 out_dir = sys.argv[1]
@@ -35,4 +36,4 @@ restored = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors
 local_rows = [t.to_local().shape[0] for t in tensors() if hasattr(t, "to_local")]
 torch.save({"saved": saved, "expected": expected, "restored": [t.clone() for t in restored],
             "local_rows": local_rows}, f"{out_dir}/rank{rank}.pt")
-dist.destroy_process_group()
+end_distributed_run()
