@@ -62,3 +62,18 @@ def test_real_run_refuses_demo_arguments_and_demo_mode_takes_them(tmp_path):
                                        "reversal"])
     script_args, _, _ = parse_example_args(TYPES, {}, ["--output_dir", str(tmp_path), "--demo_task", "reversal"])
     assert script_args.demo_task == "reversal"
+
+
+def test_real_runs_pass_the_model_loading_options_as_trls_grpo_script(tmp_path):
+    from unittest.mock import patch
+
+    from trl_ext.demo.cli import real_model_setup
+
+    script_args = ExampleScriptArguments(dataset_name="org/dataset", reward_funcs=["accuracy_reward"])
+    training_args = GNDPOConfig(output_dir=str(tmp_path), trust_remote_code=True, report_to="none", use_cpu=True)
+    model_args = ModelConfig(model_name_or_path="org/model", model_revision="v2", dtype="float32")
+    with patch("trl_ext.demo.cli.load_split", return_value="the split"):
+        model, train, evaluation, rewards = real_model_setup(script_args, training_args, model_args)
+    assert (model, train, evaluation) == ("org/model", "the split", None)
+    assert training_args.model_init_kwargs == {"revision": "v2", "trust_remote_code": True,
+                                               "attn_implementation": None, "dtype": "float32"}

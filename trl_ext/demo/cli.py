@@ -178,6 +178,7 @@ def real_model_setup(script_args: RewardScriptArguments, training_args, model_ar
     loaded when `eval_strategy` is not "no" (as in TRL's grpo.py)."""
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
