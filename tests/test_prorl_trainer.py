@@ -227,6 +227,9 @@ def test_defaults_follow_the_paper(tmp_path):
         ({"dynamic_sampling": "none", "multi_objective_aggregation": "normalize_then_sum", "eos_penalty": 0.1},
          "eos_penalty=0.1"),
         ({"eos_penalty": -1.0}, "eos_penalty"),
+        # CISPO reads epsilon_high as the importance-weight cap: ProRL's clip-higher 0.4 would cap ratio 1 at 0.4.
+        ({"loss_type": "cispo"}, "`loss_type='cispo'` with `epsilon_high=0.4`"),
+        ({"loss_type": "cispo", "epsilon_high": None}, "(cap 0.2)"),
         ({"ref_reset_steps": 0}, "ref_reset_steps"),
         ({"ref_reset_steps": 10, "beta": 0.0}, "beta=0.0"),
         ({"ref_reset_steps": 10, "sync_ref_model": True}, "sync_ref_model"),
@@ -247,6 +250,10 @@ def test_defaults_follow_the_paper(tmp_path):
 def test_bad_config_fails_at_construction(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         cpu_config(ProRLConfig, tmp_path, **overrides)
+
+
+def test_cispo_takes_a_weight_cap(tmp_path):
+    assert cpu_config(ProRLConfig, tmp_path, loss_type="cispo", epsilon_high=5.0).epsilon_high == 5.0
 
 
 def test_grpo_loss_is_fine_without_dynamic_sampling(tmp_path):

@@ -167,6 +167,17 @@ class ProRLConfig(GRPOConfig):
                 f"the gradient. Use a token-normalized loss_type ({', '.join(TOKEN_NORMALIZED_LOSSES)}; ProRL: "
                 "'dapo') or dynamic_sampling='none'."
             )
+        cap = self.epsilon_high if self.epsilon_high is not None else self.epsilon  # TRL's fallback
+        if self.loss_type == "cispo" and cap <= 1:
+            # TRL's CISPO reads epsilon_high as ε_max, a cap on the importance weight itself (clamp(ratio, max=ε)),
+            # not as PPO's clip-higher margin 1 + ε: ProRL's 0.4 would cap every weight, on-policy ones included, at
+            # 0.4 and silently shrink the whole gradient.
+            raise ValueError(
+                f"`loss_type='cispo'` with `epsilon_high={self.epsilon_high}` (cap {cap}): for CISPO, TRL caps the "
+                "importance weight itself at epsilon_high (clamp(ratio, max=epsilon_high)), so a value <= 1 caps even "
+                "on-policy tokens (ratio 1) and scales down every gradient. ProRL's 0.4 is a clip-higher margin for "
+                "'dapo'; with 'cispo' set epsilon_high to the weight cap (ScaleRL, TRL's recommendation: 5.0)."
+            )
         if self.dynamic_sampling == "refill" and (self.scale_rewards == "batch"
                                                   or self.multi_objective_aggregation == "normalize_then_sum"):
             setting = ("scale_rewards='batch'" if self.scale_rewards == "batch"
