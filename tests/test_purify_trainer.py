@@ -37,7 +37,8 @@ def teachers(teacher_path, student_path):
 
 
 def make_trainer(output_dir, student_path, teachers, dataset, purification="similarity_router", **overrides):
-    overrides.setdefault("router_min_examples", 1)
+    if purification in ("plackett_luce", "classifier_router", "similarity_router"):  # the routers with a memory
+        overrides.setdefault("router_min_examples", 1)
     args = cpu_config(PurifiedDistillConfig, output_dir, purification=purification, **overrides)
     return PurifiedDistillTrainer(model=student_path, reward_funcs=[demo.task_reward], args=args,
                                   train_dataset=dataset, teacher_models=teachers)
@@ -308,6 +309,16 @@ def test_grpo_config_is_rejected(tmp_path, student_path, teacher_path, arithmeti
         ({"rl_evidence_prior": float("nan")}, "rl_evidence_prior"),
         ({"purification": "rl_selection", "rl_signal_in_state": False}, "rl_evidence_prior=30.0"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
+        # Another method's knobs would be silently ignored.
+        ({"classifier_steps": 8}, "`classifier_steps=8` has no effect without purification='classifier_router'"),
+        ({"purification": "classifier_router", "similarity_neighbors": 4}, "`similarity_neighbors=4` has no effect"),
+        ({"plackett_luce_gamma": 10.0}, "`plackett_luce_gamma=10.0` has no effect"),
+        ({"aggregation_temperature": 0.5}, "`aggregation_temperature=0.5` has no effect"),
+        ({"rl_exploration": 0.2}, "`rl_exploration=0.2` has no effect"),
+        ({"purification": "rl_selection", "router_min_examples": 1}, "`router_min_examples=1` has no effect"),
+        ({"purification": "aggregation", "router_ngram_order": 2}, "`router_ngram_order=2` has no effect"),
+        ({"router_features": "teacher_hidden", "router_feature_dim": 64}, "`router_feature_dim=64` has no effect"),
+        ({"scale_rewards": "batch"}, "without reward_advantage_weight > 0"),
     ],
 )
 def test_bad_config_fails_at_construction(tmp_path, overrides, message):
@@ -320,19 +331,19 @@ def test_trl_parser_reads_cli_and_yaml(tmp_path):
 
     config_file = tmp_path / "recipe.yaml"
     config_file.write_text(
-        "purification: plackett_luce\nteacher_model_names_or_paths:\n  - org/a\n  - org/b\n"
+        "purification: rl_selection\nteacher_model_names_or_paths:\n  - org/a\n  - org/b\n"
         "teacher_model_init_kwargs:\n  dtype: bfloat16\nuse_cpu: true\nbf16: false\n"
     )
     parser = TrlParser((ScriptArguments, PurifiedDistillConfig, ModelConfig))
     _, args, _ = parser.parse_args_and_config(
-        args=["--config", str(config_file), "--output_dir", str(tmp_path), "--similarity_neighbors", "4",
-              "--rl_signal_in_state", "false"]
+        args=["--config", str(config_file), "--output_dir", str(tmp_path), "--rl_exploration", "0.25",
+              "--rl_signal_in_state", "false", "--rl_evidence_prior", "0"]
     )
-    assert args.purification == "plackett_luce"
+    assert args.purification == "rl_selection"
     assert args.teacher_model_names_or_paths == ["org/a", "org/b"]
     assert args.teacher_model_init_kwargs == {"dtype": "bfloat16"}
-    assert args.similarity_neighbors == 4 and args.rl_signal_in_state is False
-    assert args.router_settings().similarity_neighbors == 4
+    assert args.rl_exploration == 0.25 and args.rl_signal_in_state is False and args.rl_evidence_prior == 0
+    assert args.router_settings().rl_exploration == 0.25
 
 
 def test_every_new_config_field_has_help():

@@ -63,7 +63,7 @@ for purification in ("rl_selection", "classifier_router"):
         PurifiedDistillConfig,
         os.path.join(out_dir, purification),
         purification=purification,
-        router_min_examples=1,
+        **({"router_min_examples": 1} if purification == "classifier_router" else {}),
         max_steps=3,
         per_device_train_batch_size=2,  # x 3 accumulation steps = 6 rows per rank; groups of 4 span both ranks
         gradient_accumulation_steps=3,

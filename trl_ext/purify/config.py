@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import GRPOConfig
 
+from ..core.ignored_settings import raise_for_ignored_settings
 from ..gndpo.config import ADVANTAGE_NORMALIZATIONS
 from .features import FEATURES, MAX_NGRAM_ORDER
 from .methods import PURIFICATIONS, RouterSettings
@@ -16,6 +17,7 @@ from .methods import PURIFICATIONS, RouterSettings
 # Methods that need the verifiable reward (they read or learn from the signal, or the student's improvement).
 NEEDS_REWARD = ("aggregation", "plackett_luce", "classifier_router", "similarity_router", "rl_selection")
 FEATURELESS = ("none", "aggregation")  # decide from the teachers' outputs alone, never from the prompt's features
+MEMORY_ROUTERS = ("plackett_luce", "classifier_router", "similarity_router")  # route from remembered prompts
 
 
 @dataclass
@@ -245,6 +247,35 @@ class PurifiedDistillConfig(GRPOConfig):
                 "distillation advantages are per token, and a sequence-level ratio spreads each token's advantage "
                 "over the whole sequence. Use importance_sampling_level='token'."
             )
+
+        self._check_no_setting_is_ignored()
+
+    def _check_no_setting_is_ignored(self) -> None:
+        """Each method's knobs act only with that method: moved off their defaults for another one, they raise."""
+        method = self.purification
+
+        def only(*names: str) -> tuple[bool, str]:
+            return method in names, f"purification={names[0]!r}" if len(names) == 1 else f"purification in {names}"
+
+        ngram = (method not in FEATURELESS and self.router_features == "ngram",
+                 "router_features='ngram' and a purification that reads prompt features")
+        applies = {
+            "router_feature_dim": ngram,
+            "router_ngram_order": ngram,
+            "router_memory_size": only(*MEMORY_ROUTERS),
+            "router_min_examples": only(*MEMORY_ROUTERS),
+            "similarity_neighbors": only("similarity_router"),
+            "aggregation_temperature": only("aggregation"),
+            # TRL's reward advantage reaches the loss only through reward_advantage_weight (the signal ranks the
+            # raw combined rewards), so its scaling would do nothing without it.
+            "scale_rewards": (self.reward_advantage_weight > 0, "reward_advantage_weight > 0"),
+        }
+        for prefix, owner in (("plackett_luce_", "plackett_luce"), ("classifier_", "classifier_router"),
+                              ("rl_", "rl_selection")):
+            for f in fields(self):
+                if f.name.startswith(prefix):
+                    applies[f.name] = only(owner)
+        raise_for_ignored_settings(self, applies)
 
     def router_settings(self) -> RouterSettings:
         return RouterSettings(
