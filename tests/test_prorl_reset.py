@@ -168,6 +168,25 @@ def test_validation_trigger(tmp_path, student_path, arithmetic_dataset):
     assert trainer.reference_reset.triggers.best is not None
 
 
+def test_validation_trigger_with_several_evaluation_datasets(tmp_path, student_path, arithmetic_dataset):
+    """transformers evaluates each named dataset on its own (eval_<name>_... metrics, one on_evaluate each): the
+    trigger tracks the named one and skips the others instead of failing on their metrics."""
+    eval_sets = {"held": arithmetic_dataset.select(range(8)), "other": arithmetic_dataset.select(range(8, 16))}
+
+    def make(metric):
+        args = cpu_config(ProRLConfig, tmp_path, max_steps=2, beta=0.1, dynamic_sampling="none",
+                          eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8,
+                          ref_reset_metric=metric, ref_reset_patience=1, ref_reset_min_delta=10.0)
+        return ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
+                            train_dataset=arithmetic_dataset, eval_dataset=eval_sets)
+
+    trainer = make("eval_held_reward")
+    trainer.train()
+    assert trainer.reference_reset.history == [{"step": 2, "reason": "validation", "requested_at": 2}]
+    with pytest.raises(ValueError, match=r"names none of the evaluation datasets \['held', 'other'\]"):
+        make("reward")
+
+
 def test_reset_waits_for_the_rollout_boundary(tmp_path, student_path, arithmetic_dataset):
     # One rollout feeds two optimizer steps (steps_per_generation=2, GA=1): a reset requested after step 1 would
     # mix two references in that rollout, so it happens after step 2.

@@ -141,6 +141,7 @@ class ReferenceResetCallback(TrainerCallback):
         self.trainer = None
         self._kl_share: float | None = None
         self._training = False
+        self._tracked_eval: tuple[str, str] | None = None  # (dataset, metric) with several evaluation datasets
 
     @property
     def count(self) -> int:
@@ -175,6 +176,10 @@ class ReferenceResetCallback(TrainerCallback):
                 f"The reset trigger on validation metric {self.schedule.metric!r} needs evaluations, but "
                 "eval_strategy='no'. Set eval_strategy='steps' (with eval_steps) and pass an eval_dataset."
             )
+        if self.schedule.metric is not None and isinstance(trainer.eval_dataset, dict):
+            metric = self.schedule.metric
+            metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+            self._tracked_eval = tracked_eval_dataset(metric, list(trainer.eval_dataset))
         if self.schedule.kl_share_threshold is not None and not getattr(trainer, "reports_kl_share", False):
             raise ValueError(
                 f"The KL-share reset trigger needs a trainer that reports the KL share of its loss, and "
@@ -229,7 +234,16 @@ class ReferenceResetCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not self._training or self.schedule.metric is None:
             return
-        self._request(self.triggers.after_validation(metrics or {}), state.global_step)
+        metrics = metrics or {}
+        if self._tracked_eval is not None:
+            # transformers evaluates each named dataset on its own and calls on_evaluate for each; TRL's own metrics
+            # (reward, ...) are `eval_<metric>` in every one of them, its own ones `eval_<dataset>_<metric>`.
+            dataset, metric = self._tracked_eval
+            if f"eval_{dataset}_runtime" not in metrics:
+                return  # another dataset's evaluation
+            value = metrics.get(f"eval_{dataset}_{metric}", metrics.get(f"eval_{metric}"))
+            metrics = {self.schedule.metric: value} if value is not None else metrics
+        self._request(self.triggers.after_validation(metrics), state.global_step)
         self._maybe_reset(state.global_step)
 
     def _request(self, reason: str | None, step: int) -> None:
@@ -294,6 +308,19 @@ class ReferenceResetCallback(TrainerCallback):
         """Count and steps of the resets so far (for logs and model cards)."""
         return {"count": self.count, "steps": [h["step"] for h in self.history],
                 "reasons": [h["reason"] for h in self.history]}
+
+
+def tracked_eval_dataset(metric: str, datasets: list[str]) -> tuple[str, str]:
+    """(dataset, metric) that `eval_<dataset>_<metric>` names among several evaluation datasets (the longest
+    matching dataset name wins)."""
+    matches = sorted((d for d in datasets if metric.startswith(f"eval_{d}_")), key=len, reverse=True)
+    if not matches:
+        raise ValueError(
+            f"The reset trigger's validation metric {metric!r} names none of the evaluation datasets "
+            f"{sorted(datasets)}: transformers evaluates each one on its own, so the trigger must track one. Set e.g. "
+            f"ref_reset_metric='eval_{datasets[0]}_reward' (TRL's reward on dataset {datasets[0]!r})."
+        )
+    return matches[0], metric[len(f"eval_{matches[0]}_"):]
 
 
 def _at_rollout_boundary(trainer) -> bool:

@@ -111,7 +111,7 @@ class ProRLConfig(GRPOConfig):
         metadata={
             "help": "Reset when this evaluation metric (e.g. 'eval_reward'; 'reward' also finds 'eval_reward') has not "
             "improved for `ref_reset_patience` evaluations, ProRL's 'validation stalls or degrades' trigger [P]. "
-            "Needs eval_strategy != 'no' and an eval_dataset."
+            "Needs eval_strategy != 'no' and an eval_dataset; with a dict of them, name one: 'eval_<name>_reward'."
         },
     )
     ref_reset_patience: int = field(
