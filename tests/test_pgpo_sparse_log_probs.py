@@ -62,3 +62,32 @@ def test_top_k_support_from_logits_equals_the_full_log_softmax_path():
     g_full, = torch.autograd.grad((d_full * weights).sum() + s_full.sum(), student_logits)
     g_sparse, = torch.autograd.grad((d_sparse * weights).sum() + s_sparse.sum(), student_logits)
     torch.testing.assert_close(g_sparse, g_full)
+
+
+def test_log_normalizer_reads_the_trainers_sliced_logits_without_copying_them():
+    """The trainer passes `logits[:, :-1]` (not contiguous); `reshape(-1, V)` of it copied the whole (B, T, V) logits
+    in the forward and again in the backward, the copy the blockwise normalizer exists to avoid."""
+    torch.manual_seed(3)
+    full = torch.randn(3, 6, 9, dtype=torch.float64, requires_grad=True)
+    logits = full[:, :-1, :]
+    assert not logits.is_contiguous()
+    copies = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if (isinstance(out, torch.Tensor) and out.numel() >= logits.numel()
+                    and out.untyped_storage().data_ptr() != full.untyped_storage().data_ptr()):
+                copies.append(getattr(func, "__name__", str(func)))
+            return out
+
+    with Spy():
+        out = log_normalizer(logits, 0.7, block_elements=20)  # two positions per block
+    assert copies == []
+    torch.testing.assert_close(out, torch.logsumexp(logits.detach() / 0.7, dim=-1))
+    weights = torch.rand(3, 5, dtype=torch.float64)
+    grad, = torch.autograd.grad((out * weights).sum(), full)
+    expected, = torch.autograd.grad((torch.logsumexp(full[:, :-1] / 0.7, dim=-1) * weights).sum(), full)
+    torch.testing.assert_close(grad, expected)
+    assert torch.autograd.gradcheck(lambda x: log_normalizer(x[:, :-1], 0.7, 20), (full,))
+    assert torch.autograd.gradcheck(lambda x: log_normalizer(x[:, 1:, ::2], 1.0, 7), (full,))  # strided vocabulary

@@ -7,7 +7,8 @@ and the sampled token, so the full log-softmax over the vocabulary is never need
 
 `log_normalizer` computes logsumexp in float32 a block of positions at a time and, under autograd, keeps only the
 logits (in the model's dtype) for the backward pass, where softmax = d logsumexp / d logits is recomputed block by
-block. Measured (benchmarks/pgpo_memory_benchmark.py, bf16 logits, 512 positions, vocabulary 152k): the loss holds
+block. The logits are read in place, a view of rows at a time, also when they are a slice of the model's output
+(the trainer's `logits[:, :-1]`, not contiguous, which a `reshape` would copy whole). Measured (benchmarks/pgpo_memory_benchmark.py, bf16 logits, 512 positions, vocabulary 152k): the loss holds
 2 MiB for the backward pass instead of 299 MiB (the float32 log-softmax), creates 594 MiB of vocabulary-wide float
 tensors over the forward instead of 1,782 (teacher included; one float32 block at a time instead of whole copies),
 and its forward + backward takes 10-30% longer on CPU at that size (the softmax is recomputed in the backward
@@ -36,14 +37,39 @@ def _tempered(block: torch.Tensor, dtype: torch.dtype, temperature: float) -> to
     return scaled if temperature == 1.0 else scaled.div_(temperature)
 
 
+def _row_blocks(logits: torch.Tensor, block_elements: int):
+    """(rows, block) pairs covering the positions of (..., V) `logits` a block of rows at a time, without copying it.
+
+    The trainer passes a slice of the model's output (`logits[:, :-1]`, not contiguous), which `reshape(-1, V)` would
+    copy whole; leading dimensions are walked one index at a time instead, until the rest is a view of rows.
+    `rows` indexes the flattened leading dimensions.
+    """
+    vocab = logits.size(-1)
+    step = _rows_per_block(vocab, block_elements)
+    if logits.dim() == 1:
+        logits = logits.unsqueeze(0)
+
+    def walk(tensor: torch.Tensor, offset: int):
+        try:
+            rows = tensor.view(-1, vocab)  # a view, never a copy
+        except RuntimeError:  # not viewable as rows: one index of the first dimension at a time
+            per_index = tensor[0].numel() // vocab if tensor.size(0) else 0
+            for i in range(tensor.size(0)):
+                yield from walk(tensor[i], offset + i * per_index)
+            return
+        for start in range(0, rows.size(0), step):
+            block = rows[start:start + step]
+            yield slice(offset + start, offset + start + block.size(0)), block
+
+    yield from walk(logits, 0)
+
+
 class _LogNormalizer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, temperature: float, block_elements: int) -> torch.Tensor:
-        flat = logits.reshape(-1, logits.size(-1))
-        out = torch.empty(flat.size(0), dtype=_compute_dtype(logits.dtype), device=logits.device)
-        step = _rows_per_block(flat.size(1), block_elements)
-        for start in range(0, flat.size(0), step):
-            out[start:start + step] = torch.logsumexp(_tempered(flat[start:start + step], out.dtype, temperature), -1)
+        out = torch.empty(logits.shape[:-1].numel(), dtype=_compute_dtype(logits.dtype), device=logits.device)
+        for rows, block in _row_blocks(logits, block_elements):
+            out[rows] = torch.logsumexp(_tempered(block, out.dtype, temperature), -1)
         ctx.save_for_backward(logits, out)
         ctx.temperature, ctx.block_elements = temperature, block_elements
         return out.view(logits.shape[:-1])
@@ -51,16 +77,14 @@ class _LogNormalizer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         logits, out = ctx.saved_tensors
-        flat = logits.reshape(-1, logits.size(-1))
         grad = grad_output.reshape(-1, 1).to(out.dtype)
-        grad_logits = torch.empty_like(flat)
-        step = _rows_per_block(flat.size(1), ctx.block_elements)
-        for start in range(0, flat.size(0), step):
-            block = slice(start, start + step)
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)  # contiguous
+        flat_grad = grad_logits.view(-1, logits.size(-1))
+        for rows, block in _row_blocks(logits, ctx.block_elements):
             # Recomputed with the fused softmax kernel: fewer passes over the block than exp(x / T - normalizer).
-            softmax = torch.softmax(_tempered(flat[block], out.dtype, ctx.temperature), dim=-1)
-            grad_logits[block] = softmax.mul_(grad[block] / ctx.temperature).to(flat.dtype)
-        return grad_logits.view(logits.shape), None, None
+            softmax = torch.softmax(_tempered(block, out.dtype, ctx.temperature), dim=-1)
+            flat_grad[rows] = softmax.mul_(grad[rows] / ctx.temperature).to(logits.dtype)
+        return grad_logits, None, None
 
 
 def log_normalizer(logits: torch.Tensor, temperature: float = 1.0,
