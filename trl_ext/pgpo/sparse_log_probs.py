@@ -7,12 +7,13 @@ and the sampled token, so the full log-softmax over the vocabulary is never need
 
 `log_normalizer` computes logsumexp in float32 a block of positions at a time and, under autograd, keeps only the
 logits (in the model's dtype) for the backward pass, where softmax = d logsumexp / d logits is recomputed block by
-block. The logits are read in place, a view of rows at a time, also when they are a slice of the model's output
-(the trainer's `logits[:, :-1]`, not contiguous, which a `reshape` would copy whole). Measured (benchmarks/pgpo_memory_benchmark.py, bf16 logits, 512 positions, vocabulary 152k): the loss holds
-2 MiB for the backward pass instead of 299 MiB (the float32 log-softmax), creates 594 MiB of vocabulary-wide float
-tensors over the forward instead of 1,782 (teacher included; one float32 block at a time instead of whole copies),
-and its forward + backward takes 10-30% longer on CPU at that size (the softmax is recomputed in the backward
-pass); at vocabularies up to 32k the times are within noise of each other.
+block. The logits are read in place, a view of rows at a time, also when they are a slice of the model's output (the
+trainer's `logits[:, :-1]`, not contiguous, which a `reshape` would copy whole). Measured
+(benchmarks/pgpo_memory_benchmark.py, bf16 logits, 512 positions, vocabulary 152k): the loss holds 2 MiB for the
+backward pass instead of 299 MiB (the float32 log-softmax), creates 594 MiB of vocabulary-wide float tensors over
+the forward instead of 1,782 (teacher included; one float32 block at a time instead of whole copies), and its
+forward + backward takes 10-30% longer on CPU at that size (the softmax is recomputed in the backward pass); at
+vocabularies up to 32k the times are within noise of each other.
 """
 
 from __future__ import annotations
