@@ -465,6 +465,10 @@ def test_feedback_column_is_checked_before_loading(tmp_path, arithmetic_dataset)
 def test_policy_loss_settings_without_policy_loss_warn(tmp_path):
     with pytest.warns(UserWarning, match="`loss_type`, `epsilon` only shape GRPO's policy loss"):
         cpu_config(PGPOConfig, tmp_path, loss_type="grpo", epsilon=0.3)
+    # TRL's entropy bonus and reward aggregation live in the same policy loss / advantages.
+    with pytest.warns(UserWarning, match="`multi_objective_aggregation`, `entropy_coef`, `use_adaptive_entropy` only"):
+        cpu_config(PGPOConfig, tmp_path, entropy_coef=0.01, use_adaptive_entropy=True,
+                   multi_objective_aggregation="normalize_then_sum")
     import warnings
 
     with warnings.catch_warnings():

@@ -14,9 +14,11 @@ from .step_size import REFERENCES
 from .teacher import TEACHER_KINDS
 
 
-# GRPOConfig fields that only shape TRL's policy loss, which `distillation_weight=1.0` does not compute.
+# GRPOConfig fields that only shape TRL's policy loss (its advantages, clipping and entropy bonus), which
+# `distillation_weight=1.0` does not compute.
 POLICY_LOSS_FIELDS = ("loss_type", "epsilon", "epsilon_high", "delta", "top_entropy_quantile",
-                      "importance_sampling_level", "off_policy_mask_threshold", "scale_rewards")
+                      "importance_sampling_level", "off_policy_mask_threshold", "scale_rewards",
+                      "multi_objective_aggregation", "entropy_coef", "use_adaptive_entropy")
 
 
 @dataclass
