@@ -225,6 +225,31 @@ def test_completions_without_context_get_no_loss(tmp_path, student_path, arithme
         trainer.state.log_history[0]
 
 
+def test_moe_router_load_balancing_loss_is_kept(tmp_path, student_path, arithmetic_dataset):
+    """GRPOTrainer adds an MoE model's router loss (router_aux_loss_coef * aux_loss); the distillation loss that
+    replaces GRPO's must keep it. With no context anywhere, it is the only loss: the routers must still learn."""
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, moe_intermediate_size=16,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.5,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    impossible = arithmetic_dataset.map(lambda row: {"answer": "never"})  # no success, no feedback anywhere
+    trainer = make(tmp_path / "run", str(tmp_path / "moe"), impossible, max_steps=1, optim="sgd", learning_rate=0.5)
+    assert trainer.aux_loss_enabled
+    before = parameters(trainer.model)
+    trainer.train()
+    assert trainer.micro_batches[0][HAS_CONTEXT].sum() == 0
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
+    assert any(".mlp.gate." in n for n in changed), changed  # the routers moved (and what feeds them)
+    assert not any(".experts." in n for n in changed)  # no distillation loss: the experts' weights have no gradient
+    assert trainer.state.log_history[0]["aux_loss"] > 0
+
+
 # ----- the self-teacher -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_ema_teacher_follows_the_student(tmp_path, student_path, arithmetic_dataset, use_lora):

@@ -80,7 +80,8 @@ OPTIONAL_ROLLOUT_KEYS = (
 # GRPOTrainer attributes (not methods) that trl_ext reads; the contract test checks they exist on a real trainer.
 TRAINER_ATTRIBUTES = ("_metrics", "_logs", "_step", "_buffered_inputs", "num_iterations", "num_generations", "beta",
                       "reward_weights", "multi_objective_aggregation", "eos_token_ids", "ref_model",
-                      "num_generations_eval", "temperature", "current_gradient_accumulation_steps")
+                      "num_generations_eval", "temperature", "current_gradient_accumulation_steps",
+                      "aux_loss_enabled", "router_aux_loss_coef")
 REFERENCE_ADAPTER = "ref"  # TRL's frozen reference adapter, selected by name in _generate_and_score_completions
 # Multimodal keys the model forward needs besides input ids and attention mask.
 MULTIMODAL_KEYS = (
@@ -201,6 +202,13 @@ def tokenize_prompts(trainer: GRPOTrainer, prompts: list) -> list[list[int]]:
     """Token ids of each prompt, rendered and tokenized exactly as GRPOTrainer does for generation."""
     prompt_ids, _images, _multimodal = trainer._tokenize_prompts(prompts)
     return [list(ids) for ids in prompt_ids]
+
+
+def router_aux_loss_enabled(trainer: GRPOTrainer) -> bool:
+    """Whether GRPOTrainer adds an MoE model's router load-balancing loss (`router_aux_loss_coef` times the forward's
+    `aux_loss`, requested with `output_router_logits=True`) to its loss; the coefficient is
+    `trainer.router_aux_loss_coef`."""
+    return bool(trainer.aux_loss_enabled)
 
 
 def is_last_micro_batch(trainer: GRPOTrainer) -> bool:

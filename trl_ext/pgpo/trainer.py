@@ -207,9 +207,12 @@ class PGPOTrainer(ExtGRPOTrainer):
 
     def _self_distillation_loss(self, model, inputs: dict[str, Any]) -> torch.Tensor:
         args = self.args
-        student = self._completion_logits(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs)
+        # MoE models: the router's load-balancing loss, which TRL adds to its own loss (`router_aux_loss_coef`).
+        router_aux = _compat.router_aux_loss_enabled(self)
+        student, aux_loss = self._completion_logits(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs,
+                                                    router_aux_loss=router_aux)
         with self.self_teacher.scoring(model) as teacher_model:
-            teacher = self._completion_logits(
+            teacher, _ = self._completion_logits(
                 teacher_model, inputs[TEACHER_PROMPT_IDS], inputs[TEACHER_PROMPT_MASK], inputs
             )
         vocab_size = student.size(-1)
@@ -232,6 +235,12 @@ class PGPOTrainer(ExtGRPOTrainer):
         if self._mode == "train":
             normalizer = normalizer * self.current_gradient_accumulation_steps / args.steps_per_generation
         loss = (divergence * weights).sum() / normalizer.to(divergence.dtype)
+        if router_aux:  # scaled for gradient accumulation like the rest of the loss, as TRL does
+            accumulation = self.current_gradient_accumulation_steps if self._mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            if args.distillation_weight == 1.0:  # else TRL's own loss logs it
+                self._metrics[self._mode]["aux_loss"].append(
+                    self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
 
         if self._mode == "train":
             correction = ((teacher_sampled - sampled_logps.detach()) * token_mask).sum(1)
@@ -241,16 +250,21 @@ class PGPOTrainer(ExtGRPOTrainer):
                 self._modulate_step_size()
         return loss
 
-    def _completion_logits(self, model, prompt_ids, prompt_mask, inputs) -> torch.Tensor:
-        """(B, T, V) logits of `model` at each completion position, after `prompt_ids` (in the model's dtype)."""
+    def _completion_logits(self, model, prompt_ids, prompt_mask, inputs,
+                           router_aux_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, V) logits of `model` at each completion position, after `prompt_ids` (in the model's dtype), and
+        with `router_aux_loss` the MoE router's load-balancing loss of that forward (else None)."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         length = completion_ids.size(1)
-        multimodal = {key: inputs[key] for key in _compat.MULTIMODAL_KEYS if inputs.get(key) is not None}
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=length + 1,
-                       use_cache=False, **multimodal).logits
-        return logits[:, :-1, :]  # position t predicts completion token t
+        extra = {key: inputs[key] for key in _compat.MULTIMODAL_KEYS if inputs.get(key) is not None}
+        if router_aux_loss:
+            extra["output_router_logits"] = True
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=length + 1,
+                        use_cache=False, **extra)
+        # Position t predicts completion token t.
+        return outputs.logits[:, :-1, :], (outputs.aux_loss if router_aux_loss else None)
 
     def _distillation_log_probs(self, student: torch.Tensor, teacher: torch.Tensor, inputs) -> tuple:
         """Both models' logits -> (the shared support, the student's and the teacher's log-probs of the sampled
