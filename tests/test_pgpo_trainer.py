@@ -440,6 +440,16 @@ def test_image_prompts_are_refused(tmp_path, student_path, arithmetic_dataset):
                     train_dataset=with_images)
 
 
+def test_environments_are_refused(tmp_path, student_path, arithmetic_dataset):
+    class Environment:
+        def reset(self, **kwargs):
+            return "an observation the self-teacher would not see"
+
+    with pytest.raises(NotImplementedError, match="environment_factory.*reset\\(\\) observation"):
+        PGPOTrainer(model=student_path, reward_funcs=[demo.task_reward], args=cpu_config(PGPOConfig, tmp_path),
+                    train_dataset=arithmetic_dataset, environment_factory=Environment)
+
+
 def test_every_new_config_field_has_help():
     import dataclasses
 

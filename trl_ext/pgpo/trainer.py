@@ -119,6 +119,15 @@ class PGPOTrainer(ExtGRPOTrainer):
                 "text with its privileged context, which would drop the images: vision-language prompts are not "
                 "supported yet. Use a text-only dataset."
             )
+        if environment_factory is not None:
+            # TRL appends each environment's reset() observation to the student's prompt at generation time; the
+            # self-teacher's prompt is rebuilt from the dataset row and would not show it.
+            raise NotImplementedError(
+                "PGPOTrainer does not support `environment_factory` yet: TRL adds each environment's reset() "
+                "observation to the student's prompt, and the self-teacher's privileged prompt, rebuilt from the "
+                "dataset's `prompt`, would not contain it. Use `tools=` with prompts that hold the whole task, or "
+                "GRPOTrainer / another trl_ext trainer for environments."
+            )
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
