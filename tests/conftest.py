@@ -119,3 +119,19 @@ def four_bit_config():
 def is_quantized(model) -> bool:
     """True when the model holds bitsandbytes 4-bit layers."""
     return any("Linear4bit" in type(m).__name__ for m in model.modules())
+
+
+# GNDPO with the Kondo gate mixed in, as README's "gate any trainer" section composes it (used by several tests).
+from dataclasses import dataclass  # noqa: E402
+
+from trl_ext import GNDPOConfig, GNDPOTrainer  # noqa: E402
+from trl_ext.delight import KondoGateArguments, KondoGateMixin  # noqa: E402
+
+
+@dataclass
+class GatedGNDPOConfig(KondoGateArguments, GNDPOConfig):
+    pass
+
+
+class GatedGNDPOTrainer(KondoGateMixin, GNDPOTrainer):
+    pass

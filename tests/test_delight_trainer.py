@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import cpu_config
+from conftest import GatedGNDPOConfig, GatedGNDPOTrainer, cpu_config
 from trl_ext import DelightConfig, DelightTrainer, GNDPOConfig, GNDPOTrainer, demo
-from trl_ext.delight import KondoGateArguments, KondoGateMixin, delight_weights
+from trl_ext.delight import KondoGateMixin, delight_weights
 
 
 def make_trainer(tmp_path, student_path, dataset, **overrides):
@@ -205,15 +203,6 @@ def test_resume_without_the_gate_from_a_plain_grpo_checkpoint(tmp_path, student_
     gated = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=3, gate="threshold")
     with pytest.raises(FileNotFoundError, match="kondo_gate"):
         gated.train(resume_from_checkpoint=checkpoint)
-
-
-@dataclass
-class GatedGNDPOConfig(KondoGateArguments, GNDPOConfig):
-    pass
-
-
-class GatedGNDPOTrainer(KondoGateMixin, GNDPOTrainer):
-    pass
 
 
 def test_gate_composes_with_gndpo(tmp_path, student_path, teacher_path, arithmetic_dataset):

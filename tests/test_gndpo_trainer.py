@@ -46,20 +46,28 @@ def test_full_finetune_trains_and_logs(tmp_path, student_path, teacher_path, ari
         assert torch.equal(p.detach().cpu(), q), name
 
 
-def test_advantages_are_per_token_normalized_and_zero_on_padding(tmp_path, student_path, teacher_path,
-                                                                 arithmetic_dataset):
-    trainer = GNDPOTrainer(model=student_path, args=cpu_config(GNDPOConfig, tmp_path, max_steps=1),
-                           train_dataset=arithmetic_dataset, teacher_model=teacher_path)
+def train_capturing_rollout(trainer, before=None) -> dict:
+    """Train, and return the last rollout as GNDPO's post-rollout hook produced it (`before` may edit TRL's rollout
+    first, e.g. to add a tool mask)."""
     seen = {}
     original = trainer._postprocess_rollout
 
     def spy(inputs, rollout):
-        out = original(inputs, rollout)
-        seen.update(out)
-        return out
+        if before is not None:
+            before(rollout)
+        seen.update(original(inputs, rollout))
+        return seen
 
     trainer._postprocess_rollout = spy
     trainer.train()
+    return seen
+
+
+def test_advantages_are_per_token_normalized_and_zero_on_padding(tmp_path, student_path, teacher_path,
+                                                                 arithmetic_dataset):
+    trainer = GNDPOTrainer(model=student_path, args=cpu_config(GNDPOConfig, tmp_path, max_steps=1),
+                           train_dataset=arithmetic_dataset, teacher_model=teacher_path)
+    seen = train_capturing_rollout(trainer)
     advantages, mask = seen["advantages"], seen["completion_mask"].float()
     assert advantages.shape == mask.shape  # (B, T)
     assert torch.all(advantages[mask == 0] == 0)
@@ -100,19 +108,12 @@ def test_tool_output_tokens_get_no_advantage_and_stay_out_of_the_statistics(tmp_
                                                                            arithmetic_dataset):
     trainer = GNDPOTrainer(model=student_path, args=cpu_config(GNDPOConfig, tmp_path, max_steps=1),
                            train_dataset=arithmetic_dataset, teacher_model=teacher_path)
-    seen = {}
-    original = trainer._postprocess_rollout
 
-    def with_tool_output(inputs, rollout):
-        tool_mask = torch.ones_like(rollout["completion_mask"])
-        tool_mask[:, 1:3] = 0  # pretend tokens 1-2 of every completion came from a tool
-        rollout["tool_mask"] = tool_mask
-        out = original(inputs, rollout)
-        seen.update(out)
-        return out
+    def add_tool_output(rollout):
+        rollout["tool_mask"] = torch.ones_like(rollout["completion_mask"])
+        rollout["tool_mask"][:, 1:3] = 0  # pretend tokens 1-2 of every completion came from a tool
 
-    trainer._postprocess_rollout = with_tool_output
-    trainer.train()
+    seen = train_capturing_rollout(trainer, before=add_tool_output)
     advantages = seen["advantages"]
     trained = seen["completion_mask"].bool() & seen["tool_mask"].bool()
     assert torch.all(advantages[~trained] == 0)
@@ -129,16 +130,7 @@ def test_student_old_logps_come_from_trl_when_it_computed_them(tmp_path, student
 
     trainer = GNDPOTrainer(model=student_path, train_dataset=arithmetic_dataset, teacher_model=teacher_path,
                            args=cpu_config(GNDPOConfig, tmp_path, max_steps=1, num_iterations=2 if reuses else 1))
-    seen = {}
-    original = trainer._postprocess_rollout
-
-    def spy(inputs, rollout):
-        out = original(inputs, rollout)
-        seen.update(out)
-        return out
-
-    trainer._postprocess_rollout = spy
-    trainer.train()
+    seen = train_capturing_rollout(trainer)
     assert (seen.get("old_per_token_logps") is not None) == reuses
     assert (STUDENT_LOGPS_KEY in seen) != reuses
 

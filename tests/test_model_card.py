@@ -1,26 +1,13 @@
 """Model cards (trl_ext/core/model_card.py): valid settings tables, and the metrics of every method a trainer runs."""
 
-from dataclasses import dataclass
-
-from conftest import cpu_config
-from trl_ext import GNDPOConfig, GNDPOTrainer
+from conftest import GatedGNDPOConfig, GatedGNDPOTrainer, cpu_config
 from trl_ext.core.model_card import table_cell
-from trl_ext.delight import KondoGateArguments, KondoGateMixin
 
 
 def test_table_cells_keep_one_row_and_show_the_value():
     assert table_cell(0.5) == "`0.5`" and table_cell(None) == "`None`"
     assert table_cell("a\nb|c") == "`a\\nb\\|c`"
     assert table_cell("run `x`") == "`` run `x` ``" and table_cell("``x") == "``` ``x ```"
-
-
-@dataclass
-class GatedGNDPOConfig(KondoGateArguments, GNDPOConfig):
-    pass
-
-
-class GatedGNDPOTrainer(KondoGateMixin, GNDPOTrainer):
-    pass
 
 
 def test_card_of_a_gated_trainer_shows_the_gates_metrics(tmp_path, student_path, teacher_path, arithmetic_dataset):
