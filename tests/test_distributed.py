@@ -51,7 +51,8 @@ def test_gate_with_different_survivors_per_rank_stays_in_step(tmp_path, steps_pe
 @pytest.mark.slow
 def test_sharded_teacher_state_is_saved_whole_and_restored_into_each_shard(tmp_path):
     """FSDP2 shards a teacher copy over the ranks: its checkpointed weights must be the full ones (trl_ext's
-    core/full_state.py gathers them for rank 0 to write) and loading must put each rank's part back."""
+    core/full_state.py gathers them for rank 0 to write) and loading must put each rank's part back. The reference
+    reset's copy into another sharded module (shard to shard) and into an unsharded one must yield the full weights."""
     torchrun("full_state_two_ranks.py", str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank1["saved"] is None  # only the writing rank keeps the gathered copy
@@ -61,3 +62,7 @@ def test_sharded_teacher_state_is_saved_whole_and_restored_into_each_shard(tmp_p
     for rank in (rank0, rank1):
         for restored, expected in zip(rank["restored"], rank0["expected"]):
             assert torch.equal(restored, expected)
+        # The reference reset's copy of the module's parameters.
+        for target in ("sharded", "plain"):
+            for copied, expected in zip(rank["copied"][target], rank0["expected_parameters"], strict=True):
+                assert torch.equal(copied, expected), target

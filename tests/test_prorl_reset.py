@@ -128,6 +128,29 @@ def test_reset_releases_paged_optimizer_buffers():
     assert len(optimizer.page_mng.paged_tensors) == 1 and optimizer.page_mng.paged_tensors[0] is other_optimizers_buffer
 
 
+def test_reset_reaches_the_torch_optimizer_inside_a_deepspeed_style_wrapper():
+    """accelerate wraps DeepSpeed's ZeRO optimizer, which is no torch optimizer but steps one (`.optimizer`) over its
+    fp32 partitions: that innermost optimizer's state is the one to clear."""
+    from trl_ext.core.reference_reset import innermost_optimizer, reset_optimizer_state
+
+    class AcceleratedStyleOptimizer(torch.optim.Optimizer):  # like accelerate's wrapper: a torch optimizer on top
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    class ZeroStyleOptimizer:  # like deepspeed's DeepSpeedZeroOptimizer: a plain object holding a torch optimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    torch_optimizer = torch.optim.Adam([param], lr=0.1)
+    param.grad = torch.ones(3)
+    torch_optimizer.step()
+    wrapped = AcceleratedStyleOptimizer(ZeroStyleOptimizer(torch_optimizer))
+    assert innermost_optimizer(wrapped) is torch_optimizer
+    reset_optimizer_state(wrapped)
+    assert not torch_optimizer.state
+
+
 def test_lora_with_a_peft_model_reuses_trls_reference_adapter(tmp_path, student_path, arithmetic_dataset):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM

@@ -2,7 +2,8 @@
 
 Trainer state such as an EMA teacher lives in modules that DeepSpeed ZeRO-3 partitions and FSDP2 shards (DTensor
 parameters): each process holds a piece, so saving the main process's `state_dict()` would keep only its piece.
-Both functions are collective under ZeRO-3 and FSDP2: every process must call them, in the same order.
+The same holds for copying one sharded module's weights into another's (the reference reset, pi_ref <- pi_theta).
+Every function here is collective under ZeRO-3 and FSDP2: every process must call it, in the same order.
 """
 
 from __future__ import annotations
@@ -61,3 +62,24 @@ def load_full_tensors(
                 target.to_local().copy_(local.to_local())
             else:
                 target.copy_(value.to(target.device, target.dtype))
+
+
+def copy_full_tensors(pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]], zero3: bool) -> None:
+    """`target <- source` for every (source, target) pair of parameters, wherever they are sharded: under ZeRO-3 each
+    pair is gathered, copied and partitioned again (one pair at a time, so only two full parameters are ever
+    materialized); FSDP2 DTensors with the same layout copy shard to shard, other layouts go through the full value."""
+    with torch.no_grad():
+        for source, target in pairs:
+            with _gathered([source, target], zero3, modifier_rank=0):
+                if not _is_dtensor(target):
+                    target.copy_(source.full_tensor() if _is_dtensor(source) else source)
+                elif (_is_dtensor(source) and source.device_mesh == target.device_mesh
+                      and source.placements == target.placements and source.shape == target.shape):
+                    target.to_local().copy_(source.to_local())
+                else:
+                    from torch.distributed.tensor import distribute_tensor
+
+                    full = source.full_tensor() if _is_dtensor(source) else source
+                    local = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh,
+                                              target.placements)
+                    target.to_local().copy_(local.to_local())

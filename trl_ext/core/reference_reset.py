@@ -20,6 +20,10 @@ A requested reset waits for the next rollout boundary: the generation batch in f
 reference (`ref_per_token_logps`), and resetting in the middle of it would mix two references in one rollout.
 The reset count, its history, the triggers' state and, after the first reset, the reference weights themselves are
 saved with every checkpoint and restored on resume (a resumed run otherwise reloads the *initial* reference).
+
+Sharded models (DeepSpeed ZeRO-3, FSDP2) are copied and checkpointed shard-aware (`core.full_state`): a reset and a
+checkpoint are then collective, which they are anyway, since every process runs them at the same step. FSDP1's flat
+parameters are refused.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
 from .. import _compat
+from .full_state import copy_full_tensors, full_tensors, load_full_tensors
 from .reset_triggers import ResetSchedule, ResetTriggers
 from .teachers import is_zero3
 
@@ -37,8 +42,9 @@ REFERENCE_ADAPTER = _compat.REFERENCE_ADAPTER  # TRL's name: with a passed PeftM
 
 
 # ----- the two operations of a reset ---------------------------------------------------------------------------------
-def copy_parameters(source: torch.nn.Module, target: torch.nn.Module) -> int:
-    """Overwrite every parameter of `target` with the same-named parameter of `source`; returns how many."""
+def copy_parameters(source: torch.nn.Module, target: torch.nn.Module, zero3: bool = False) -> int:
+    """Overwrite every parameter of `target` with the same-named parameter of `source`; returns how many.
+    Collective under ZeRO-3 (`zero3=True`) and FSDP2."""
     src = dict(source.named_parameters())
     dst = dict(target.named_parameters())
     if src.keys() != dst.keys():
@@ -47,9 +53,7 @@ def copy_parameters(source: torch.nn.Module, target: torch.nn.Module) -> int:
             f"The reference model's parameters do not match the policy's (only in policy: {missing}, only in "
             f"reference: {extra}); a reference reset needs the same architecture."
         )
-    with torch.no_grad():
-        for name, param in dst.items():
-            param.copy_(src[name])
+    copy_full_tensors([(src[name], param) for name, param in dst.items()], zero3)
     return len(dst)
 
 
@@ -64,11 +68,10 @@ def adapter_pairs(model: torch.nn.Module, source: str = POLICY_ADAPTER, target: 
     return pairs
 
 
-def copy_adapter(model: torch.nn.Module, source: str = POLICY_ADAPTER, target: str = REFERENCE_ADAPTER) -> int:
+def copy_adapter(model: torch.nn.Module, source: str = POLICY_ADAPTER, target: str = REFERENCE_ADAPTER,
+                 zero3: bool = False) -> int:
     pairs = adapter_pairs(model, source, target)
-    with torch.no_grad():
-        for src, dst in pairs:
-            dst.copy_(src)
+    copy_full_tensors(pairs, zero3)
     return len(pairs)
 
 
@@ -86,16 +89,18 @@ def add_reference_adapter(model) -> None:
 
 
 def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer that holds the state, under accelerate's (and similar) wrappers."""
-    inner = optimizer
-    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
-        inner = inner.optimizer
-    if not isinstance(inner, torch.optim.Optimizer):
+    """The torch optimizer that holds the state, under accelerate's wrappers and DeepSpeed's ZeRO optimizers (which
+    are no torch optimizers themselves: they keep the one they step, over their fp32 partitions, in `.optimizer`)."""
+    chain = [optimizer]
+    while getattr(chain[-1], "optimizer", None) is not None and len(chain) < 8:
+        chain.append(chain[-1].optimizer)
+    torch_optimizers = [o for o in chain if isinstance(o, torch.optim.Optimizer)]
+    if not torch_optimizers:
         raise TypeError(
             f"Cannot reset the state of optimizer {type(optimizer).__name__}: it is not a torch.optim.Optimizer. Use a "
             "torch optimizer or set `ref_reset_optimizer=False`."
         )
-    return inner
+    return torch_optimizers[-1]
 
 
 def reset_optimizer_state(optimizer) -> None:
@@ -166,10 +171,11 @@ class ReferenceResetCallback(TrainerCallback):
                 "sync_ref_model=True already moves the reference (TRL's soft sync, without optimizer reset); use it or "
                 "the reference reset, not both."
             )
-        if getattr(trainer, "is_fsdp_enabled", False) or is_zero3(trainer):
+        if getattr(trainer, "is_fsdp_enabled", False) and trainer.accelerator.state.fsdp_plugin.fsdp_version == 1:
             raise NotImplementedError(
-                "The reference reset does not support sharded models yet (DeepSpeed ZeRO-3 or FSDP): the copy and "
-                "the checkpointed reference need gathered parameters. Use DDP or ZeRO-1/2."
+                "The reference reset copies and checkpoints sharded weights under FSDP2 and DeepSpeed ZeRO-3, but not "
+                "under FSDP1 (flat parameters). Set fsdp_version: 2 in the accelerate config (as "
+                "examples/accelerate_configs/fsdp2.yaml)."
             )
         if self.schedule.metric is not None and args.eval_strategy == "no":
             raise ValueError(
@@ -199,6 +205,7 @@ class ReferenceResetCallback(TrainerCallback):
                 # frozen copy of the (freshly initialised, hence identity) adapter instead. TRL uses it by name.
                 add_reference_adapter(model)
         self.trainer = trainer
+        self.zero3 = is_zero3(trainer)
         trainer.add_callback(self)
         trainer.register_state(self.state_name, self)
         return self
@@ -260,9 +267,9 @@ class ReferenceResetCallback(TrainerCallback):
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
         if trainer.ref_model is not None:
-            copy_parameters(model, trainer.accelerator.unwrap_model(trainer.ref_model))
+            copy_parameters(model, trainer.accelerator.unwrap_model(trainer.ref_model), self.zero3)
         else:
-            copy_adapter(model)
+            copy_adapter(model, zero3=self.zero3)
         if self.reset_optimizer and trainer.optimizer is not None:
             reset_optimizer_state(trainer.optimizer)
         requested_at = step if requested_at is None else requested_at
@@ -280,11 +287,15 @@ class ReferenceResetCallback(TrainerCallback):
         return {name: p for name, p in model.named_parameters() if prefix in name}
 
     def state_dict(self) -> dict:
+        """Called on every process (gathering sharded weights is collective); only the saving process keeps them."""
         # Before the first reset the reference is the initial model, which the trainer rebuilds on resume; afterwards
         # it is a past policy that exists nowhere else, so it is saved.
         reference = None
         if self.history:
-            reference = {name: p.detach().cpu().clone() for name, p in self._reference_parameters().items()}
+            params = self._reference_parameters()
+            values = full_tensors(lambda: list(params.values()), list(params.values()), self.zero3,
+                                  keep=self.trainer.args.should_save)
+            reference = None if values is None else dict(zip(params, values))
         return {
             "history": [dict(h) for h in self.history],
             "pending": None if self.pending is None else dict(self.pending),
@@ -300,9 +311,8 @@ class ReferenceResetCallback(TrainerCallback):
             params = self._reference_parameters()
             if params.keys() != state["reference"].keys():
                 raise KeyError("The checkpointed reference does not match this trainer's reference parameters.")
-            with torch.no_grad():
-                for name, value in state["reference"].items():
-                    params[name].copy_(value)
+            load_full_tensors(lambda: list(params.values()), list(params.values()), self.zero3,
+                              [state["reference"][name] for name in params])
 
     def summary(self) -> dict:
         """Count and steps of the resets so far (for logs and model cards)."""

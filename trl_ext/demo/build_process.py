@@ -5,7 +5,11 @@ says "you are rank k of N". A `SFTTrainer` created there joins that group and wa
 meanwhile waiting on the cache's file lock: a hang. So inside a launch the build runs in a fresh Python process
 whose environment has every launcher variable removed, which makes it an ordinary single-process run.
 
-    python -m trl_ext.demo.build_process   # reads a pickled (recipe, out_dir) from stdin; used by pretrained.py
+    python -m trl_ext.demo.build_process   # reads a pickled (recipe, tasks, out_dir) from stdin; used by pretrained.py
+
+The recipe names its tasks, and a task registered at run time (`demo.register_task`, as the purification demo's
+teachers do) exists only in the caller's registry, so the task objects travel with the recipe and the fresh process
+registers them before building.
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ def single_process_env() -> dict[str, str]:
 
 def build_in_subprocess(recipe, out_dir: Path) -> None:
     """Run `pretrained._build(recipe, out_dir)` in a fresh single-process Python; raise if it fails."""
+    from .tasks import get_task
+
+    tasks = [get_task(name) for name in recipe.tasks]
     command = [sys.executable, "-m", "trl_ext.demo.build_process"]
-    result = subprocess.run(command, input=pickle.dumps((recipe, str(out_dir))), env=single_process_env())
+    result = subprocess.run(command, input=pickle.dumps((recipe, tasks, str(out_dir))), env=single_process_env())
     if result.returncode != 0:
         raise RuntimeError(
             f"Building the demo model {recipe.key()} in a subprocess failed (exit code {result.returncode}; its "
@@ -58,8 +65,11 @@ def build_in_subprocess(recipe, out_dir: Path) -> None:
 
 def _main() -> None:
     from .pretrained import _build
+    from .tasks import register_task
 
-    recipe, out_dir = pickle.load(sys.stdin.buffer)
+    recipe, tasks, out_dir = pickle.load(sys.stdin.buffer)
+    for task in tasks:
+        register_task(task)
     _build(recipe, Path(out_dir))
 
 
