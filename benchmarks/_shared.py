@@ -13,6 +13,14 @@ import warnings
 from pathlib import Path
 
 
+def offline_environment() -> None:
+    """No Hub access, no telemetry, no tokenizer thread pools (environment defaults; call before the Hugging Face
+    libraries are imported)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def quiet() -> None:
     """Silence progress bars and deprecation chatter so the benchmark's own lines stay readable."""
     warnings.filterwarnings("ignore")
