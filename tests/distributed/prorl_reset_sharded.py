@@ -15,7 +15,7 @@ from peft import LoraConfig
 from conftest import end_distributed_run  # tests/ is on PYTHONPATH (see tests/test_gpu_launch.py)
 from trl_ext import demo
 from trl_ext.core.full_state import full_tensors
-from trl_ext.core.reference_reset import innermost_optimizer
+from trl_ext.core.reference_reset import adapter_pairs, innermost_optimizer
 from trl_ext.prorl import ProRLConfig, ProRLTrainer
 
 out_dir, variant = sys.argv[1], sys.argv[2]
@@ -40,11 +40,14 @@ policy_model = trainer.accelerator.unwrap_model(trainer.model)
 resets = []
 
 
-def policy_parameters():
-    names = list(callback._reference_parameters())
-    if trainer.ref_model is None:  # LoRA: the reference adapter's twins in the policy adapter
-        return [policy_model.get_parameter(n.replace(".ref.", ".default.")) for n in names]
-    return [policy_model.get_parameter(n) for n in names]
+def reference_and_policy_parameters():
+    """(reference, policy) parameter lists in matching order: the `ref` adapter and its `default` twins under LoRA
+    (the reset's own pairing), else the reference model's parameters and the policy's of the same names."""
+    if trainer.ref_model is None:
+        policy, reference = zip(*adapter_pairs(policy_model))
+        return list(reference), list(policy)
+    reference = callback._reference_parameters()
+    return list(reference.values()), [policy_model.get_parameter(name) for name in reference]
 
 
 original_reset = callback.reset
@@ -52,8 +55,7 @@ original_reset = callback.reset
 
 def recording_reset(step, reason="manual", requested_at=None):
     original_reset(step, reason, requested_at)
-    reference = list(callback._reference_parameters().values())
-    policy = policy_parameters()
+    reference, policy = reference_and_policy_parameters()
     zero3 = callback.zero3
     ref_full = full_tensors(lambda: reference, reference, zero3, keep=True)
     policy_full = full_tensors(lambda: policy, policy, zero3, keep=True)
