@@ -57,6 +57,17 @@ def test_rollout_dict_keys_and_shapes(tmp_path, student_path, teacher_path, arit
     missing_attributes = [a for a in _compat.TRAINER_ATTRIBUTES if not hasattr(trainer, a)]
     assert not missing_attributes, f"TRL {_compat.TRL_VERSION}: GRPOTrainer lost attributes {missing_attributes}"
 
+    # The completions table: one entry per generated row in each column, and a replaced tail reads back.
+    table = _compat.completion_log_tail(trainer, rows)
+    reward_columns = [name for name in table if name.startswith("rewards/")]
+    assert len(reward_columns) == 1 and all(len(table[name]) == rows for name in ("prompt", "completion", "advantages"))
+    assert None not in table["prompt"] + table["completion"] + table["advantages"] + table[reward_columns[0]], (
+        f"TRL {_compat.TRL_VERSION}: the completions table (_logs) no longer holds one entry per generated row")
+    reordered = {name: values[::-1] for name, values in table.items()}
+    _compat.replace_completion_log_tail(trainer, reordered)
+    assert _compat.completion_log_tail(trainer, rows) == reordered
+    assert not trainer._logs["images"]  # an unlogged column stays empty
+
 
 def test_prompt_tokenization_matches_generation(tmp_path, student_path, arithmetic_dataset):
     """PGPO renders teacher prompts with TRL's own prompt tokenizer: the ids must equal the rollout's prompt ids."""

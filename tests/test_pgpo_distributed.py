@@ -47,3 +47,6 @@ def test_two_ranks_agree_on_the_step_multiplier(tmp_path, student_path, estimato
         assert differs_from_local
         assert any(s["multiplier"] != 1.0 for s in rank0["steps"][1:])
     assert rank0["checksum"] == pytest.approx(rank1["checksum"], rel=1e-9)  # DDP kept the replicas identical
+    # Both ranks' micro-batches filled the last generation batch's table rows, the same on both ranks.
+    assert len(rank0["teacher_advantages"]) == rank0["rows"] == 16
+    assert None not in rank0["teacher_advantages"] and rank0["teacher_advantages"] == rank1["teacher_advantages"]

@@ -3,6 +3,7 @@ EMA teachers (full copy and LoRA adapter), checkpoints, errors."""
 
 import re
 
+import pandas as pd
 import pytest
 import torch
 from peft import LoraConfig
@@ -12,7 +13,7 @@ from trl import GRPOConfig
 from conftest import cpu_config
 from trl_ext import PGPOConfig, PGPOTrainer, demo
 from trl_ext.pgpo.divergences import clipped_importance_weights
-from trl_ext.pgpo.trainer import HAS_CONTEXT, TEACHER_PROMPT_IDS, TEACHER_PROMPT_MASK
+from trl_ext.pgpo.trainer import HAS_CONTEXT, ROW, TEACHER_ADVANTAGE_COLUMN, TEACHER_PROMPT_IDS, TEACHER_PROMPT_MASK
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 
@@ -77,14 +78,35 @@ def sdpo_loss_by_hand(model, batch, topk, alpha, teacher_model=None):
     return (divergence * mask).sum() / mask.sum()
 
 
+def teacher_advantages_by_hand(model, batch):
+    """Each completion's mean over its distillation tokens of log pi_teacher - log pi_student of the sampled token."""
+    def sampled_log_probs(prompt_ids, prompt_mask):
+        ids = torch.cat([prompt_ids, batch["completion_ids"]], 1)
+        mask = torch.cat([prompt_mask, batch["completion_mask"]], 1)
+        t = batch["completion_ids"].size(1)
+        log_probs = model(input_ids=ids, attention_mask=mask).logits[:, -t - 1:-1].float().log_softmax(-1)
+        return log_probs.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+    with torch.no_grad():
+        ratio = sampled_log_probs(batch[TEACHER_PROMPT_IDS], batch[TEACHER_PROMPT_MASK]) - sampled_log_probs(
+            batch["prompt_ids"], batch["prompt_mask"])
+    mask = batch["completion_mask"] * batch[HAS_CONTEXT].unsqueeze(1)
+    return (ratio * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 def test_one_step_is_the_sdpo_update_by_hand(tmp_path, student_path, arithmetic_dataset):
     trainer = make(tmp_path, student_path, arithmetic_dataset, max_steps=1, optim="sgd", learning_rate=0.5,
                    max_grad_norm=0.0, lr_scheduler_type="constant", step_size_modulation=False,
-                   distillation_topk=5, distillation_alpha=0.3)
+                   distillation_topk=5, distillation_alpha=0.3, log_completions=True)
     trainer.train()
     batch = trainer.micro_batches[0]
-    assert batch[HAS_CONTEXT].sum() > 0
+    assert batch[HAS_CONTEXT].sum() > 0 and batch[HAS_CONTEXT].sum() < len(batch[HAS_CONTEXT])
     model = AutoModelForCausalLM.from_pretrained(student_path)  # the initial weights: student and teacher at step 1
+    # The completions table's column of the self-teacher's advantage, in TRL's row order (0 without a context).
+    table = pd.read_parquet(tmp_path / "completions" / "completions_00001.parquet")
+    logged = torch.tensor(table[TEACHER_ADVANTAGE_COLUMN].to_numpy(dtype=float))[batch[ROW]]
+    torch.testing.assert_close(logged, teacher_advantages_by_hand(model, batch).double(), atol=1e-5, rtol=1e-5)
+    assert (logged[batch[HAS_CONTEXT] == 0] == 0).all()
     sdpo_loss_by_hand(model, batch, topk=5, alpha=0.3).backward()
     trained = dict(trainer.model.named_parameters())
     for name, param in model.named_parameters():
@@ -373,12 +395,17 @@ def test_saved_lora_model_holds_only_the_trained_adapter(tmp_path, student_path,
 
 
 def test_hybrid_loss_and_evaluation(tmp_path, student_path, arithmetic_dataset):
-    trainer = make(tmp_path, student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=2, distillation_weight=0.5,
-                   eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8,
+    trainer = make(tmp_path, student_path, arithmetic_dataset, cls=PGPOTrainer, max_steps=4, distillation_weight=0.5,
+                   eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8, log_completions=True,
                    eval_dataset=arithmetic_dataset.select(range(8)))
     trainer.train()
     logs = {k for h in trainer.state.log_history for k in h}
     assert {"pgpo/divergence", "entropy", "eval_loss"} <= logs  # TRL's policy-loss metrics are there too
+    # The completions table keeps one self-teacher advantage per row through evaluations: the evaluations' rows
+    # (steps 2 and 4) have none, since no loss scores them; step 3's training rows are filled after the first one.
+    tables = {step: pd.read_parquet(tmp_path / "completions" / f"completions_{step:05d}.parquet") for step in (2, 3)}
+    assert tables[2][TEACHER_ADVANTAGE_COLUMN].isna().all()
+    assert tables[3][TEACHER_ADVANTAGE_COLUMN].notna().all()
 
 
 def test_off_policy_steps_use_clipped_importance_weights(tmp_path, student_path, arithmetic_dataset, monkeypatch):

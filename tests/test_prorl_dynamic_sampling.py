@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from trl_ext.prorl.batch_rows import check_mergeable, concat_rows, mask_rows, pad_to_width, take_rows
+from trl_ext.prorl.batch_rows import (
+    check_mergeable,
+    concat_rows,
+    mask_rows,
+    pad_to_width,
+    take_rows,
+    take_table_rows,
+)
 from trl_ext.prorl.dynamic_sampling import (
     informative_groups,
     informative_needed,
@@ -161,6 +168,14 @@ def test_take_and_mask_rows():
     masked = mask_rows(per_token, torch.tensor([False, True, True]))
     assert masked["advantages"].tolist() == [[0, 0], [1, 1], [1, 1]]
     assert masked["tool_mask"].tolist() == [[0, 0], [1, 1], [1, 1]]
+
+
+def test_table_rows_follow_the_selection_across_rounds():
+    first = {"prompt": ["a", "b"], "advantages": [0.0, 0.0], "rewards/r": [1.0, 1.0]}
+    second = {"prompt": ["c", "d"], "advantages": [0.5, -0.5], "rewards/r": [1.0, 0.0], "extra/note": ["x", "y"]}
+    picked = take_table_rows([first, second], torch.tensor([3, 2, 0]))  # rows of the rounds concatenated
+    assert picked == {"prompt": ["d", "c", "a"], "advantages": [-0.5, 0.5, 0.0], "rewards/r": [0.0, 1.0, 1.0],
+                      "extra/note": ["y", "x", None]}  # the first round had no 'note' column
 
 
 def test_pad_to_width_leaves_vectors_alone():

@@ -58,6 +58,24 @@ def capture_rollouts(trainer):
     return seen
 
 
+def capture_completion_tables(trainer):
+    """Record the latest generation batch's rows of TRL's completions table after every rollout: a list of
+    {"prompt", "advantages", "rewards"} (the first reward function's column)."""
+    tables = []
+    original = trainer._generate_and_score_completions
+
+    def spy(inputs):
+        out = original(inputs)
+        rows = trainer.args.generation_batch_size
+        logs = trainer._logs
+        tables.append({"prompt": list(logs["prompt"])[-rows:], "advantages": list(logs["advantages"])[-rows:],
+                       "rewards": list(next(iter(logs["rewards"].values())))[-rows:]})
+        return out
+
+    trainer._generate_and_score_completions = spy
+    return tables
+
+
 def make(tmp_path, student_path, dataset, reward=parity_reward, **overrides):
     args = cpu_config(ProRLConfig, tmp_path, **overrides)
     return ProRLTrainer(model=student_path, reward_funcs=[reward], args=args, train_dataset=dataset)
@@ -67,11 +85,17 @@ def make(tmp_path, student_path, dataset, reward=parity_reward, **overrides):
 def test_refill_yields_only_informative_groups_and_a_full_batch(tmp_path, student_path, mostly_even_dataset):
     trainer = make(tmp_path, student_path, mostly_even_dataset, max_steps=3, dynamic_sampling="refill")
     seen = capture_rollouts(trainer)
+    tables = capture_completion_tables(trainer)
     trainer.train()
     assert len(seen) == 3
     refills = 0
-    for rollout, result in seen:
+    for (rollout, result), table in zip(seen, tables):
         refills += result.rounds - 1
+        # TRL's completions table shows the rows trained on, not the last refill round's
+        table_answers = [sum(map(int, re.search(r"(\d+)\+(\d+)=", str(p)).groups())) for p in table["prompt"]]
+        assert table_answers == answers_of(trainer, rollout["prompt_ids"])
+        assert table["advantages"] == rollout["advantages"].tolist()
+        assert table["rewards"] == [float(i % 2) for i in range(8)]
         rows = rollout["completion_ids"].size(0)
         assert rows == 8 and all(v.size(0) == rows for v in rollout.values() if isinstance(v, torch.Tensor) and v.dim())
         assert result.selection.keep == (True, True)  # the batch was filled

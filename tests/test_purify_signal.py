@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trl_ext.purify.features import hashed_ngram_features, text_token_ids
+from trl_ext.purify.features import hashed_ngram_features, hidden_state_features, text_token_ids
 from trl_ext.purify.signal import (
     best_teachers,
     choice_accuracy,
@@ -130,6 +130,25 @@ def test_ngram_features_ignore_padding_and_separate_prompts():
     torch.testing.assert_close(hashed_ngram_features(ids, mask, dim=64), features)  # deterministic
     with pytest.raises(ValueError, match="order"):
         hashed_ngram_features(ids, mask, dim=64, order=9)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])  # absolute and rotary position embeddings
+def test_hidden_state_features_ignore_left_padding(architecture):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if architecture == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))
+    model.eval()
+    prompt = [3, 4, 5, 6]
+    alone = hidden_state_features(model, torch.tensor([prompt]), torch.ones(1, 4, dtype=torch.long))
+    # The same prompt left-padded by 3 in a batch with a longer one: the padding must not move its features.
+    ids = torch.tensor([[0, 0, 0, *prompt], [7, 8, 9, 3, 4, 5, 6]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    torch.testing.assert_close(hidden_state_features(model, ids, mask)[0], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_text_token_ids_are_utf8_bytes():

@@ -18,6 +18,9 @@ What we rely on (TRL 1.16):
   that are trainer state (`core/saved_adapters.py`); it calls `model.save_pretrained(output_dir, state_dict=...)`.
 - `GRPOTrainer._tokenize_prompts(prompts) -> (prompt_ids, images, multimodal_fields)`: PGPO tokenizes its
   self-teacher's prompts exactly as TRL tokenizes the student's (chat template, tools, chat_template_kwargs).
+- `GRPOTrainer._logs`, the completions table that `log_completions` prints: ProRL's refill puts the rows it trains on
+  there (`completion_log_tail`, `replace_completion_log_tail`); PGPO adds a column of its self-teacher's advantage
+  (`add_completion_log_column`, `set_completion_log_values`).
 - `accelerator.sync_gradients` is set by transformers' training loop before each micro-batch and is True on the
   last micro-batch of an optimizer step: PGPO sets that step's learning rate there (before the backward in which
   DeepSpeed steps).
@@ -195,6 +198,54 @@ def replace_logged_advantages(trainer: GRPOTrainer, values: list[float]) -> None
     for _ in range(min(len(values), len(logged))):
         logged.pop()
     logged.extend(values)
+
+
+def _completion_log_columns(trainer: GRPOTrainer) -> dict:
+    """TRL's completions table (`_logs`): each rollout appends one entry per generated row (all processes, global row
+    order) to every column, which keep the latest `generation_batch_size` rows for `log_completions` to print."""
+    logs = trainer._logs
+    columns = {name: logs[name] for name in ("prompt", "completion", "advantages", "images")}
+    columns.update({f"rewards/{name}": column for name, column in logs["rewards"].items()})
+    columns.update({f"extra/{name}": column for name, column in logs["extra"].items()})
+    return columns
+
+
+def completion_log_tail(trainer: GRPOTrainer, rows: int) -> dict[str, list]:
+    """The latest `rows` entries of each column of TRL's completions table, front-filled with None where a column
+    holds fewer (an extra column first logged by this rollout, images that are not logged)."""
+    tail = {}
+    for name, column in _completion_log_columns(trainer).items():
+        values = list(column)[len(column) - min(rows, len(column)):]
+        tail[name] = [None] * (rows - len(values)) + values
+    return tail
+
+
+def replace_completion_log_tail(trainer: GRPOTrainer, table: dict[str, list]) -> None:
+    """Replace the latest entries of each column of TRL's completions table with `table`'s (as many as `table` has
+    rows; the names of `completion_log_tail`). A column that is all None and not logged stays empty."""
+    logs = trainer._logs
+    for name, values in table.items():
+        group, _, key = name.partition("/")
+        column = logs[group][key] if key else logs[group]
+        if not column and all(v is None for v in values):
+            continue
+        for _ in range(min(len(values), len(column))):
+            column.pop()
+        column.extend(values)
+
+
+def add_completion_log_column(trainer: GRPOTrainer, name: str, rows: int) -> None:
+    """Give the rollout just logged an extra column `name` in TRL's completions table, empty (None) for now: one
+    entry per row, as TRL's own extra columns (`log_extra`) have."""
+    trainer._logs["extra"][name].extend([None] * rows)
+
+
+def set_completion_log_values(trainer: GRPOTrainer, name: str, rows: list[int], values: list, batch_rows: int) -> None:
+    """Fill rows `rows` (global indices into the latest rollout, of `batch_rows` rows) of extra column `name`."""
+    column = trainer._logs["extra"][name]
+    offset = len(column) - batch_rows
+    for row, value in zip(rows, values):
+        column[offset + row] = value
 
 
 # ----- used by PGPOTrainer ---------------------------------------------------------------------------------------

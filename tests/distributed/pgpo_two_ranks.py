@@ -2,7 +2,7 @@
 
 Each rank trains PGPO with gradient accumulation (groups span ranks, feedback on some prompts) and writes, for every
 optimizer step, its own local information statistics (summed over its micro-batches) and the I_k / m_k it used,
-plus a final parameter checksum, to <out_dir>/rank<k>.pt.
+plus a final parameter checksum and the completions table's self-teacher advantages, to <out_dir>/rank<k>.pt.
 """
 
 import os
@@ -12,6 +12,7 @@ import torch
 
 from conftest import cpu_config, end_distributed_run  # tests/ is on PYTHONPATH (see conftest.torchrun)
 from trl_ext import PGPOConfig, PGPOTrainer, demo
+from trl_ext.pgpo.trainer import TEACHER_ADVANTAGE_COLUMN
 
 out_dir, estimator = sys.argv[1], sys.argv[2]
 rank = int(os.environ["RANK"])
@@ -42,6 +43,7 @@ args = cpu_config(
     multiplier_min=0.2,
     multiplier_max=5.0,
     ddp_find_unused_parameters=False,
+    log_completions=True,
 )
 trainer = RecordingPGPOTrainer(model=demo.student_path("arithmetic"), reward_funcs=[demo.task_reward], args=args,
                                train_dataset=dataset)
@@ -52,6 +54,8 @@ torch.save(
         "steps": trainer.steps,
         "buckets": args.agreement_buckets,
         "checksum": sum(p.detach().double().sum().item() for p in trainer.model.parameters()),
+        "teacher_advantages": list(trainer._logs["extra"][TEACHER_ADVANTAGE_COLUMN]),
+        "rows": trainer.args.generation_batch_size,
     },
     os.path.join(out_dir, f"rank{rank}.pt"),
 )

@@ -44,6 +44,9 @@ TEACHER_PROMPT_MASK = "pgpo_teacher_prompt_mask"
 HAS_CONTEXT = "pgpo_has_context"
 SUCCEEDED = "pgpo_succeeded"  # (B,) the verifier's verdict, for the "verified" estimator
 NUM_DISTILLATION_TOKENS = "pgpo_num_distillation_tokens"  # 0-dim: over the whole generation batch, all processes
+ROW = "pgpo_row"  # (B,) each row's global index in its generation batch, to find it in the completions table
+# The completions table's column for each completion's mean teacher - student log-prob of its sampled tokens.
+TEACHER_ADVANTAGE_COLUMN = "self_teacher_advantage"
 # Layout of the per-step statistics vector, summed over micro-batches and processes with one all-reduce.
 TOKENS, CORRECTION, AGREEMENT, DIVERGENCE = range(4)
 VERIFIED = slice(4, 8)  # the 2 x 2 verified joint
@@ -157,6 +160,8 @@ class PGPOTrainer(ExtGRPOTrainer):
         self._modulated_learning_rates: list[float] | None = None
         self.last_contexts = None  # the latest generation batch's ContextAssignment (all processes), for inspection
         self.last_step_size: dict[str, float | None] | None = None  # the latest step's I_k and m_k
+        self._eval_rollouts_logged = 0  # evaluation rollouts added to the completions table
+        self._table_rollout: tuple[int, int] | None = None  # (eval rollouts logged by then, rows) of the train one
         self.add_callback(_StepCallback(self))
 
     # ----- the self-teacher's prompts (once per generation batch) ---------------------------------------------
@@ -200,11 +205,38 @@ class PGPOTrainer(ExtGRPOTrainer):
         rollout[SUCCEEDED] = assignment.has_success[start:start + len(inputs)].to(device).float()
         tokens = (self.loss_mask(rollout) * has_context.unsqueeze(1)).sum().double()
         rollout[NUM_DISTILLATION_TOKENS] = self.reduce_sum(tokens.reshape(1)).reshape(())
+        self._add_teacher_advantage_column(rollout, start, len(all_completions))
 
         self.log_metric("usable_context_fraction", assignment.usable.float().mean())
         self.log_metric("solution_fraction", (assignment.demonstration >= 0).float().mean())
         self.log_metric("feedback_fraction", assignment.use_feedback.float().mean())
         return rollout
+
+    # ----- the completions table: the self-teacher's advantage of each completion ---------------------------------
+    def _add_teacher_advantage_column(self, rollout: dict[str, Any], start: int, rows: int) -> None:
+        """With `log_completions`, every rollout gets an empty column in TRL's completions table (every column needs
+        an entry per row); a training rollout's is filled by the loss, once the self-teacher has scored the rows."""
+        if not self.args.log_completions:
+            return
+        _compat.add_completion_log_column(self, TEACHER_ADVANTAGE_COLUMN, rows)
+        if self._mode == "eval":
+            self._eval_rollouts_logged += 1
+            return
+        rollout[ROW] = torch.arange(start, start + rollout["completion_ids"].size(0),
+                                    device=rollout["completion_ids"].device)
+        self._table_rollout = (self._eval_rollouts_logged, rows)
+
+    def _log_teacher_advantages(self, inputs: dict[str, Any], correction: torch.Tensor,
+                                token_mask: torch.Tensor) -> None:
+        """Each completion's mean over its distillation tokens of log pi_teacher - log pi_student of the sampled
+        token (SDPO's per-token advantage in its policy-gradient reading; 0 without a usable context), written into
+        the completions table. Collective: every process computes every micro-batch's loss."""
+        advantage = correction / token_mask.sum(1).clamp(min=1.0)
+        rows = self.accelerator.gather(inputs[ROW]).tolist()
+        values = self.accelerator.gather(advantage.float()).tolist()
+        evals_then, batch_rows = self._table_rollout
+        if evals_then == self._eval_rollouts_logged:  # an evaluation since would have pushed the rows out
+            _compat.set_completion_log_values(self, TEACHER_ADVANTAGE_COLUMN, rows, values, batch_rows)
 
     # ----- the loss (once per micro-batch) ----------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
@@ -253,6 +285,8 @@ class PGPOTrainer(ExtGRPOTrainer):
 
         if self._mode == "train":
             correction = ((teacher_sampled - sampled_logps.detach()) * token_mask).sum(1)
+            if self.args.log_completions:
+                self._log_teacher_advantages(inputs, correction, token_mask)
             self._accumulate_step_statistics(support, divergence.detach(), token_mask, vocab_size=vocab_size,
                                              verified=verified_joint(correction, inputs[SUCCEEDED], inputs[HAS_CONTEXT]))
             if _compat.is_last_micro_batch(self):

@@ -1,4 +1,5 @@
-"""Row operations on TRL rollout dicts: mask rows, concatenate rounds, pick rows, gather rows over processes.
+"""Row operations on TRL rollout dicts: mask rows, concatenate rounds, pick rows, gather rows over processes (and
+pick rows of TRL's completions table alongside).
 
 A rollout dict (what `GRPOTrainer._generate_and_score_completions` returns) holds per-row tensors whose widths
 depend on the batch: prompts are left-padded, completions right-padded. Combining rows from several generation
@@ -77,6 +78,16 @@ def concat_rows(rollouts: list[dict], pad_token_id: int) -> dict:
 def take_rows(rollout: dict, index: torch.Tensor) -> dict:
     """The rows `index` of every per-row tensor (batch-level entries are dropped: recompute them)."""
     return rows.take_rows({k: v for k, v in rollout.items() if v is not None and k not in BATCH_KEYS}, index)
+
+
+def take_table_rows(tables: list[dict[str, list]], index: torch.Tensor) -> dict[str, list]:
+    """Rows `index` of several rounds' column tables (column name -> one value per row) concatenated in order, as
+    `take_rows` picks tensor rows. A column that a round lacks (first logged by a later round) reads None there."""
+    sizes = [len(table["prompt"]) for table in tables]
+    names = sorted({name for table in tables for name in table})
+    concatenated = {name: [v for table, size in zip(tables, sizes) for v in table.get(name, [None] * size)]
+                    for name in names}
+    return {name: [values[i] for i in index.tolist()] for name, values in concatenated.items()}
 
 
 def mask_rows(rollout: dict, keep: torch.Tensor) -> dict:

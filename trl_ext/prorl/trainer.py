@@ -31,7 +31,7 @@ from ..core import ExtGRPOTrainer, masked_mean
 from ..core.reference_reset import ReferenceResetCallback
 from ..core.reset_triggers import kl_share
 from ..core.trainer import image_columns, resolve_config
-from .batch_rows import check_mergeable, concat_rows, gather_rows, mask_rows, take_rows
+from .batch_rows import check_mergeable, concat_rows, gather_rows, mask_rows, take_rows, take_table_rows
 from .config import ProRLConfig
 from .dynamic_sampling import (
     GroupSelection,
@@ -170,6 +170,7 @@ class ProRLTrainer(ExtGRPOTrainer):
             check_mergeable(rounds[0])  # at the first step, not at the first refill that moves a group
         rewards = [self.rollout_rewards]
         informative = [self._informative(rewards[0])]
+        tables = [_compat.completion_log_tail(self, rewards[0].size(0))]  # each round's rows of TRL's table
         started = time.perf_counter()
         if self.args.dynamic_sampling == "refill":
             # Every process holds the same gathered rewards, hence the same count: all run the same rounds.
@@ -177,8 +178,9 @@ class ProRLTrainer(ExtGRPOTrainer):
                 rounds.append(super()._generate_and_score_completions(self._refill_inputs(len(inputs))))
                 rewards.append(self.rollout_rewards)
                 informative.append(self._informative(rewards[-1]))
+                tables.append(_compat.completion_log_tail(self, rewards[-1].size(0)))
         selection = select_groups(informative)
-        rollout = self._assemble(rounds, rewards, selection, len(inputs))
+        rollout = self._assemble(rounds, rewards, tables, selection, len(inputs))
         result = DynamicSamplingResult(
             rounds=len(rounds),
             informative_per_round=tuple(int(f.sum()) for f in informative),
@@ -213,8 +215,9 @@ class ProRLTrainer(ExtGRPOTrainer):
         rows = [index for index in prompts for _ in range(self.num_generations)]
         return [self.train_dataset[i] for i in local_rows(rows, self.accelerator.process_index, rows_per_process)]
 
-    def _assemble(self, rounds, rewards, selection: GroupSelection, rows_per_process: int) -> dict[str, Any]:
-        """The batch TRL expects (same local size): the selected groups, uninformative slots masked."""
+    def _assemble(self, rounds, rewards, tables, selection: GroupSelection, rows_per_process: int) -> dict[str, Any]:
+        """The batch TRL expects (same local size): the selected groups, uninformative slots masked. TRL's
+        completions table gets the same rows, so that `log_completions` shows what is trained on."""
         process = slice(self.accelerator.process_index * rows_per_process,
                         (self.accelerator.process_index + 1) * rows_per_process)
         keep = kept_rows(selection, self.num_generations)
@@ -227,6 +230,7 @@ class ProRLTrainer(ExtGRPOTrainer):
             rows = selected_rows(selection, self.num_generations, [r.size(0) for r in rewards])
             rollout = take_rows(everything, rows[process])
             self._rollout_rewards = torch.cat(rewards).index_select(0, rows.to(rewards[0].device))
+            _compat.replace_completion_log_tail(self, take_table_rows(tables, rows))
         num_items = rounds[0]["num_items_in_batch"]
         rollout = mask_rows(rollout, keep[process])
         # TRL's token-normalized losses divide by the generation batch's loss-token count: count the kept tokens.

@@ -61,10 +61,16 @@ def text_token_ids(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def hidden_state_features(model, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, P) prompts -> (B, H) mean of `model`'s final hidden states over the prompt tokens, L2-normalised."""
+    """(B, P) prompts -> (B, H) mean of `model`'s final hidden states over the prompt tokens, L2-normalised.
+
+    Positions count from each prompt's first real token, so a prompt's features do not depend on how much left
+    padding its batch gives it (a model with absolute position embeddings would otherwise see it shifted).
+    """
+    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     # logits_to_keep=1: the LM head runs on one position only (a full-vocabulary head over every prompt
     # token would dominate the cost for a large vocabulary).
-    out = model(input_ids=token_ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+    out = model(input_ids=token_ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                logits_to_keep=1)
     hidden = out.hidden_states[-1].float()
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
