@@ -42,7 +42,9 @@ def test_rollout_dict_keys_and_shapes(tmp_path, student_path, teacher_path, arit
     def record(inputs, rollout):
         seen["keys"] = set(rollout)
         seen["shapes"] = {k: tuple(v.shape) for k, v in rollout.items() if hasattr(v, "shape")}
+        seen["mask"] = rollout["completion_mask"].clone()
         seen["rewards"] = trainer.rollout_rewards
+        seen["completion_ids"] = trainer.rollout_completion_ids
         return rollout
 
     trainer._postprocess_rollout = record
@@ -54,6 +56,8 @@ def test_rollout_dict_keys_and_shapes(tmp_path, student_path, teacher_path, arit
     assert seen["shapes"]["completion_mask"] == (rows, length)
     assert seen["shapes"]["num_items_in_batch"] == ()
     assert seen["rewards"].shape == (rows, 1)  # _calculate_rewards returned (N, num_reward_funcs)
+    # ... and received each completion's generated tokens, which the completion mask marks
+    assert [len(ids) for ids in seen["completion_ids"]] == seen["mask"].sum(dim=1).tolist()
     missing_attributes = [a for a in _compat.TRAINER_ATTRIBUTES if not hasattr(trainer, a)]
     assert not missing_attributes, f"TRL {_compat.TRL_VERSION}: GRPOTrainer lost attributes {missing_attributes}"
 

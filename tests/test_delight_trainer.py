@@ -228,6 +228,7 @@ def test_gate_composes_with_gndpo(tmp_path, student_path, teacher_path, arithmet
         ({"gate_normalizer": "tokens"}, "gate_normalizer"),
         ({"delight_eta": 0.0}, "delight_eta"),
         ({"delight_eta": -1.0}, "delight_eta"),
+        ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
     ],
 )
 def test_bad_config_fails_at_construction(tmp_path, overrides, message):

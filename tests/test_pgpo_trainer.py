@@ -236,6 +236,27 @@ def test_teacher_prompts_show_a_successful_sibling_or_the_feedback(tmp_path, stu
     assert 0 < fractions[0] < 1
 
 
+def test_a_truncated_success_is_shown_as_written_under_mask_truncated_completions(tmp_path, self_teacher_path):
+    """With max_completion_length=2 every right two-digit answer is cut before its end token: TRL hides the row from
+    the loss, but the reward judged its text, and that text is what the siblings' teacher must see."""
+    rows = demo.get_task("arithmetic").dataset(400, seed=3)
+    rows = rows.select([i for i, a in enumerate(rows["answer"]) if len(a) == 2][:32])
+    trainer = make(tmp_path, self_teacher_path, rows, max_steps=1, max_completion_length=2,
+                   per_device_train_batch_size=32, mask_truncated_completions=True)
+    trainer.train()
+    ((rollout, rewards, dataset_rows),) = trainer.rollouts
+    tokenizer = trainer.processing_class
+    shown = 0
+    for i, source in enumerate(trainer.last_contexts.demonstration.tolist()):
+        if source < 0:
+            continue
+        assert rollout["completion_mask"][source].sum() == 0  # truncated, so hidden from the loss
+        text = tokenizer.decode(rollout[TEACHER_PROMPT_IDS][i], skip_special_tokens=True)
+        assert f"Correct solution:\n\n{dataset_rows[source]['answer']}\n\n" in text
+        shown += 1
+    assert shown > 0
+
+
 def test_completions_without_context_get_no_loss(tmp_path, student_path, arithmetic_dataset):
     impossible = arithmetic_dataset.map(lambda row: {"answer": "never"})  # no success, no feedback anywhere
     trainer = make(tmp_path, student_path, impossible, max_steps=1)

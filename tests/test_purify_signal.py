@@ -10,6 +10,7 @@ from trl_ext.purify.signal import (
     best_teachers,
     choice_accuracy,
     combined_rewards,
+    conflict_and_consensus,
     decisive_prompts,
     mean_conflict,
     ranking_agreement,
@@ -90,6 +91,17 @@ def test_teacher_conflict_by_hand():
     assert conflict[1, 2].item() == pytest.approx(1.0)  # (0,1) and (0,2) both opposite
     torch.testing.assert_close(conflict, conflict.t())
     assert mean_conflict(conflict).item() == pytest.approx(2 / 3)
+
+
+def test_completions_without_a_log_likelihood_take_part_in_no_pair():
+    # The conflict test's teachers 0 and 1 (all pairs opposite), plus a fourth completion with NaN (one the loss
+    # ignores): it must neither add agreeing pairs nor dilute the conflict.
+    logps = torch.tensor([[-1.0, -2.0, -3.0, float("nan")], [-3.0, -2.0, -1.0, float("nan")]])
+    conflict, consensus = conflict_and_consensus(logps, group_size=4)
+    assert conflict[0, 1].item() == pytest.approx(1.0)
+    torch.testing.assert_close(consensus, torch.zeros(1, 2))
+    signal = ranking_agreement(logps, torch.tensor([1.0, 0.0, 0.0, float("nan")]), group_size=4)
+    torch.testing.assert_close(signal, torch.tensor([[1.0, 0.0]]))
 
 
 def test_teacher_consensus_by_hand():

@@ -195,6 +195,24 @@ def test_lora_with_teacher_hidden_state_features(tmp_path, student_path, teacher
     assert trainer.last_purification.batch.features.shape[1] == hidden_size
 
 
+def test_completions_the_loss_ignores_are_left_out_of_the_signal(tmp_path, student_path, teachers):
+    """Under mask_truncated_completions a completion cut at max_completion_length has no loss token, and its teacher
+    scores attended to none of its tokens: it must not enter the signal, the conflict or the RL selector's reward."""
+    rows = demo.get_task("arithmetic").dataset(400, seed=3)
+    rows = rows.select([i for i, a in enumerate(rows["answer"]) if len(a) == 2][:32])  # two digits: cut at length 2
+    trainer = make_trainer(tmp_path, student_path, teachers, rows, purification="rl_selection", max_steps=1,
+                           max_completion_length=2, per_device_train_batch_size=16, mask_truncated_completions=True)
+    trainer.train()
+    batch = trainer.last_purification.batch
+    ignored = torch.isnan(batch.teacher_seq_logps).all(dim=0)
+    assert 0 < ignored.sum() < ignored.numel()  # some completions were cut, some ended in time
+    assert torch.isnan(batch.rewards[ignored]).all() and not torch.isnan(batch.rewards[~ignored]).any()
+    assert not torch.isnan(batch.teacher_seq_logps[:, ~ignored]).any()
+    # What ended in time is a one-digit answer, always wrong: no prompt has a reward gap left, so none has a signal
+    # (with the cut completions in, every teacher "ranked" them first and the signal was 1/2 or 3/4 everywhere).
+    assert torch.isnan(batch.signal).all()
+
+
 def test_averaging_needs_no_reward_functions(tmp_path, student_path, teachers, arithmetic_dataset):
     args = cpu_config(PurifiedDistillConfig, tmp_path, purification="none", max_steps=1)
     trainer = PurifiedDistillTrainer(model=student_path, args=args, train_dataset=arithmetic_dataset,

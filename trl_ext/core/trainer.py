@@ -111,6 +111,7 @@ class ExtGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         self._rollout_rewards: torch.Tensor | None = None
+        self._rollout_completion_ids: list[list[int]] | None = None
         self._stateful_components: dict[str, StatefulComponent] = {}
         # Adapters that are trainer state, not the model being trained; TRL's reference adapter is one of them.
         self._internal_adapters: set[str] = {_compat.REFERENCE_ADAPTER}
@@ -137,6 +138,7 @@ class ExtGRPOTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._rollout_rewards = rewards
+        self._rollout_completion_ids = [list(ids) for ids in completion_ids_list]
         return rewards
 
     def _generate_and_score_completions(self, inputs):
@@ -159,6 +161,12 @@ class ExtGRPOTrainer(GRPOTrainer):
     def rollout_rewards(self) -> torch.Tensor | None:
         """Rewards of the current generation batch, (N_global, num_reward_funcs), gathered over processes."""
         return self._rollout_rewards
+
+    @property
+    def rollout_completion_ids(self) -> list[list[int]] | None:
+        """This process's completions of the current generation batch as the reward functions saw them: every
+        generated token, also where the completion mask hides a row (`mask_truncated_completions`)."""
+        return self._rollout_completion_ids
 
     @property
     def _mode(self) -> str:

@@ -57,3 +57,11 @@ class DelightConfig(KondoGateArguments, GRPOConfig):
         raise_for_ignored_settings(self, {
             "delight_eta": weighting, "delight_price": weighting, "delight_stochastic": weighting,
         })
+        if self.importance_sampling_level != "token":
+            # TRL's sequence-level ratio multiplies every token's advantage by the gradient of the whole sequence's
+            # mean log-prob, which would smear DG's per-token weights w_t over the sequence.
+            raise ValueError(
+                f"`importance_sampling_level={self.importance_sampling_level!r}` is not supported by DelightTrainer: "
+                "Delightful PG weighs each token's advantage by its own delight, and a sequence-level ratio spreads "
+                "those weights over the whole sequence. Use importance_sampling_level='token'."
+            )

@@ -169,10 +169,9 @@ class PGPOTrainer(ExtGRPOTrainer):
         args = self.args
         num_generations = self.num_generations if self._mode == "train" else self.num_generations_eval
         rewards = (self.rollout_rewards * self.reward_weights.to(self.rollout_rewards.device)).nansum(dim=1)
-        completions = self.processing_class.batch_decode(
-            [ids[mask.bool()] for ids, mask in zip(rollout["completion_ids"], rollout["completion_mask"])],
-            skip_special_tokens=True,
-        )
+        # The text the reward judged: a completion cut at max_completion_length can be a success, and under
+        # mask_truncated_completions its completion mask is all zero.
+        completions = self.processing_class.batch_decode(self.rollout_completion_ids, skip_special_tokens=True)
         feedback = [row.get(args.feedback_column) for row in inputs]
         all_completions, all_feedback = _compat.gather_object(completions), _compat.gather_object(feedback)
         assignment = assign_contexts(

@@ -161,11 +161,13 @@ class ProRLConfig(GRPOConfig):
                 f"included), got {self.dynamic_sampling_max_rounds!r}."
             )
         if self.dynamic_sampling != "none" and self.loss_type not in TOKEN_NORMALIZED_LOSSES:
+            divides = ("divides each micro-batch by its own token count" if self.loss_type == "bnpo"
+                       else "averages over rows or a fixed length")
             raise ValueError(
                 f"`dynamic_sampling={self.dynamic_sampling!r}` masks uninformative groups, and "
-                f"`loss_type={self.loss_type!r}` averages over rows (or a fixed length), so masked rows would dilute "
-                f"the gradient. Use a token-normalized loss_type ({', '.join(TOKEN_NORMALIZED_LOSSES)}; ProRL: "
-                "'dapo') or dynamic_sampling='none'."
+                f"`loss_type={self.loss_type!r}` {divides} instead of dividing by the generation batch's kept tokens, "
+                f"so masked rows would dilute the gradient. Use a token-normalized loss_type "
+                f"({', '.join(TOKEN_NORMALIZED_LOSSES)}; ProRL: 'dapo') or dynamic_sampling='none'."
             )
         cap = self.epsilon_high if self.epsilon_high is not None else self.epsilon  # TRL's fallback
         if self.loss_type == "cispo" and cap <= 1:

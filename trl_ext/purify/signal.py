@@ -54,7 +54,7 @@ def ranking_agreement(teacher_seq_logps: torch.Tensor, rewards: torch.Tensor, gr
     """The signal: (K, N) teacher log-likelihoods and (N,) rewards of N = Q * group_size completions -> (Q, K).
 
     Rows are grouped as TRL groups them: consecutive `group_size` completions share a prompt. NaN rewards
-    (unscorable completions) take part in no pair.
+    (unscorable completions, or completions the loss ignores) take part in no pair.
     """
     num_teachers, num_rows = teacher_seq_logps.shape
     if num_rows % group_size:
@@ -102,7 +102,7 @@ def _opposite_orders(teacher_seq_logps: torch.Tensor, group_size: int) -> tuple[
     they order oppositely."""
     num_teachers = teacher_seq_logps.size(0)
     logps = teacher_seq_logps.double().view(num_teachers, -1, group_size)
-    order = torch.sign(logps.unsqueeze(3) - logps.unsqueeze(2))  # (K, Q, G, G)
+    order = torch.sign(logps.unsqueeze(3) - logps.unsqueeze(2)).nan_to_num(0.0)  # (K, Q, G, G); NaN: no order
     upper = torch.ones(group_size, group_size, dtype=torch.bool, device=logps.device).triu(diagonal=1)
     order = order[:, :, upper]  # (K, Q, pairs)
     both = (order.unsqueeze(1) != 0) & (order.unsqueeze(0) != 0)  # (K, K, Q, pairs)
@@ -114,7 +114,8 @@ def teacher_conflict(teacher_seq_logps: torch.Tensor, group_size: int) -> torch.
     """The "knowledge conflict": (K, K) rate at which two teachers strictly prefer opposite completions.
 
     Over every pair of completions of the same prompt that both teachers order strictly, the fraction they order
-    oppositely. Reward-free: it measures disagreement, not who is right. NaN where a teacher pair orders no pair.
+    oppositely. Reward-free: it measures disagreement, not who is right. NaN where a teacher pair orders no pair. A
+    completion with a NaN log-likelihood takes part in no pair.
     """
     return conflict_and_consensus(teacher_seq_logps, group_size)[0]
 

@@ -279,10 +279,14 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
                                          self.args.router_ngram_order)
 
     def _gather_prompts(self, local_features, teacher_logps, mask, group_size) -> PromptBatch:
+        # A completion without loss tokens (cut at max_completion_length under mask_truncated_completions) was scored
+        # with its tokens masked out: its log-likelihood (0) and reward take part in no comparison.
+        ignored = self._gather((mask.sum(dim=1) == 0).int()).bool()
         seq_logps = self._gather(sequence_logps(teacher_logps, mask).t()).t()  # (K, N)
+        seq_logps = seq_logps.masked_fill(ignored, float("nan"))
         # TRL's rewards of the whole batch (already gathered), combined as TRL combines them.
         rewards = combined_rewards(self.rollout_rewards.float().cpu(), self.reward_weights.float().cpu(), group_size,
-                                   self.multi_objective_aggregation)
+                                   self.multi_objective_aggregation).masked_fill(ignored, float("nan"))
         features = self._gather(local_features)[::group_size]  # one row per prompt
         signal = ranking_agreement(seq_logps, rewards, group_size)
         conflict, consensus = conflict_and_consensus(seq_logps, group_size)  # one count of orders serves both
