@@ -63,9 +63,10 @@ def test_rollout_dict_keys_and_shapes(tmp_path, student_path, teacher_path, arit
 
     # The completions table: one entry per generated row in each column, and a replaced tail reads back.
     table = _compat.completion_log_tail(trainer, rows)
-    reward_columns = [name for name in table if name.startswith("rewards/")]
-    assert len(reward_columns) == 1 and all(len(table[name]) == rows for name in ("prompt", "completion", "advantages"))
-    assert None not in table["prompt"] + table["completion"] + table["advantages"] + table[reward_columns[0]], (
+    reward_columns = [path for path in table if path[0] == "rewards"]
+    per_row = [table[("prompt",)], table[("completion",)], table[("advantages",)], *(table[c] for c in reward_columns)]
+    assert len(reward_columns) == 1 and all(len(column) == rows for column in per_row)
+    assert all(None not in column for column in per_row), (
         f"TRL {_compat.TRL_VERSION}: the completions table (_logs) no longer holds one entry per generated row")
     reordered = {name: values[::-1] for name, values in table.items()}
     _compat.replace_completion_log_tail(trainer, reordered)

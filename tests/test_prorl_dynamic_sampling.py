@@ -171,11 +171,13 @@ def test_take_and_mask_rows():
 
 
 def test_table_rows_follow_the_selection_across_rounds():
-    first = {"prompt": ["a", "b"], "advantages": [0.0, 0.0], "rewards/r": [1.0, 1.0]}
-    second = {"prompt": ["c", "d"], "advantages": [0.5, -0.5], "rewards/r": [1.0, 0.0], "extra/note": ["x", "y"]}
+    first = {("prompt",): ["a", "b"], ("advantages",): [0.0, 0.0], ("rewards", "r"): [1.0, 1.0]}
+    second = {("prompt",): ["c", "d"], ("advantages",): [0.5, -0.5], ("rewards", "r"): [1.0, 0.0],
+              ("extra", "note"): ["x", "y"]}
     picked = take_table_rows([first, second], torch.tensor([3, 2, 0]))  # rows of the rounds concatenated
-    assert picked == {"prompt": ["d", "c", "a"], "advantages": [-0.5, 0.5, 0.0], "rewards/r": [0.0, 1.0, 1.0],
-                      "extra/note": ["y", "x", None]}  # the first round had no 'note' column
+    assert picked == {("prompt",): ["d", "c", "a"], ("advantages",): [-0.5, 0.5, 0.0],
+                      ("rewards", "r"): [0.0, 1.0, 1.0],
+                      ("extra", "note"): ["y", "x", None]}  # the first round had no 'note' column
 
 
 def test_pad_to_width_leaves_vectors_alone():

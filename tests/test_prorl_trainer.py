@@ -116,6 +116,26 @@ def test_refill_yields_only_informative_groups_and_a_full_batch(tmp_path, studen
         assert key in logs[0], key
 
 
+def test_refill_with_a_reward_named_with_a_slash_or_nothing(tmp_path, student_path, mostly_even_dataset):
+    """TRL names a reward model after the end of its path, which is "" for one built in code or given as "dir/":
+    moving refill rows in TRL's completions table must not read reward names as paths."""
+    def unnamed(completions, answer, **kwargs):
+        return parity_reward(completions, answer)
+
+    def slashed(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    unnamed.__name__, slashed.__name__ = "", "a/b"
+    args = cpu_config(ProRLConfig, tmp_path, max_steps=3, dynamic_sampling="refill")
+    trainer = ProRLTrainer(model=student_path, reward_funcs=[unnamed, slashed], args=args,
+                           train_dataset=mostly_even_dataset)
+    seen = capture_rollouts(trainer)
+    trainer.train()
+    assert sum(result.rounds - 1 for _, result in seen) >= 1  # groups moved between rounds
+    assert list(trainer._logs["rewards"]) == ["", "a/b"]
+    assert list(trainer._logs["rewards"][""]) == [float(i % 2) for i in range(8)]  # the trained rows' rewards
+
+
 def test_refill_stops_at_the_cap_and_masks_what_is_left(tmp_path, student_path, arithmetic_dataset):
     trainer = make(tmp_path, student_path, arithmetic_dataset, reward=constant_reward, max_steps=1,
                    dynamic_sampling="refill", dynamic_sampling_max_rounds=3)

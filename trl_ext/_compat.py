@@ -205,14 +205,17 @@ def _completion_log_columns(trainer: GRPOTrainer) -> dict:
     """TRL's completions table (`_logs`): each rollout appends one entry per generated row (all processes, global row
     order) to every column, which keep the latest `generation_batch_size` rows for `log_completions` to print."""
     logs = trainer._logs
-    columns = {name: logs[name] for name in ("prompt", "completion", "advantages", "images")}
-    columns.update({f"rewards/{name}": column for name, column in logs["rewards"].items()})
-    columns.update({f"extra/{name}": column for name, column in logs["extra"].items()})
+    columns = {(name,): logs[name] for name in ("prompt", "completion", "advantages", "images")}
+    # Keyed by path, not by a joined string: a reward function's name can be anything, even "" (a reward model
+    # built in code).
+    columns.update({("rewards", name): column for name, column in logs["rewards"].items()})
+    columns.update({("extra", name): column for name, column in logs["extra"].items()})
     return columns
 
 
-def completion_log_tail(trainer: GRPOTrainer, rows: int) -> dict[str, list]:
-    """The latest `rows` entries of each column of TRL's completions table, front-filled with None where a column
+def completion_log_tail(trainer: GRPOTrainer, rows: int) -> dict[tuple[str, ...], list]:
+    """The latest `rows` entries of each column of TRL's completions table, keyed by the column's path in `_logs`
+    (("prompt",), ("rewards", <function name>), ("extra", <column>), ...), front-filled with None where a column
     holds fewer (an extra column first logged by this rollout, images that are not logged)."""
     tail = {}
     for name, column in _completion_log_columns(trainer).items():
@@ -221,13 +224,12 @@ def completion_log_tail(trainer: GRPOTrainer, rows: int) -> dict[str, list]:
     return tail
 
 
-def replace_completion_log_tail(trainer: GRPOTrainer, table: dict[str, list]) -> None:
+def replace_completion_log_tail(trainer: GRPOTrainer, table: dict[tuple[str, ...], list]) -> None:
     """Replace the latest entries of each column of TRL's completions table with `table`'s (as many as `table` has
-    rows; the names of `completion_log_tail`). A column that is all None and not logged stays empty."""
+    rows; the keys of `completion_log_tail`). A column that is all None and not logged stays empty."""
     logs = trainer._logs
-    for name, values in table.items():
-        group, _, key = name.partition("/")
-        column = logs[group][key] if key else logs[group]
+    for path, values in table.items():
+        column = logs[path[0]] if len(path) == 1 else logs[path[0]][path[1]]
         if not column and all(v is None for v in values):
             continue
         for _ in range(min(len(values), len(column))):

@@ -80,10 +80,11 @@ def take_rows(rollout: dict, index: torch.Tensor) -> dict:
     return rows.take_rows({k: v for k, v in rollout.items() if v is not None and k not in BATCH_KEYS}, index)
 
 
-def take_table_rows(tables: list[dict[str, list]], index: torch.Tensor) -> dict[str, list]:
-    """Rows `index` of several rounds' column tables (column name -> one value per row) concatenated in order, as
-    `take_rows` picks tensor rows. A column that a round lacks (first logged by a later round) reads None there."""
-    sizes = [len(table["prompt"]) for table in tables]
+def take_table_rows(tables: list[dict], index: torch.Tensor) -> dict:
+    """Rows `index` of several rounds' column tables (column key -> one value per row, every column of a table
+    equally long) concatenated in order, as `take_rows` picks tensor rows. A column that a round lacks (first logged
+    by a later round) reads None there."""
+    sizes = [len(next(iter(table.values()))) for table in tables]
     names = sorted({name for table in tables for name in table})
     concatenated = {name: [v for table, size in zip(tables, sizes) for v in table.get(name, [None] * size)]
                     for name in names}
