@@ -195,10 +195,7 @@ def logged_values(trainer: GRPOTrainer, name: str, mode: str = "train") -> list[
 def replace_logged_advantages(trainer: GRPOTrainer, values: list[float]) -> None:
     """TRL's completions table (`log_completions`) records the reward advantages of the rollout it just made, in
     global row order, as the last entries of `_logs["advantages"]`; put the advantages the loss really uses there."""
-    logged = trainer._logs["advantages"]
-    for _ in range(min(len(values), len(logged))):
-        logged.pop()
-    logged.extend(values)
+    replace_completion_log_tail(trainer, {("advantages",): values})
 
 
 def _completion_log_columns(trainer: GRPOTrainer) -> dict:
