@@ -20,11 +20,21 @@ def information_of(stats, estimator, buckets):
     return mutual_information(stats[JOINT:].view(side, side)).item()
 
 
+ESTIMATORS = ("agreement", "correction", "verified")
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, student_path):
+    """One two-process launch trains with each estimator in turn."""
+    out_dir = tmp_path_factory.mktemp("pgpo_two_ranks")
+    torchrun("pgpo_two_ranks.py", str(out_dir), *ESTIMATORS)
+    return out_dir
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["agreement", "correction", "verified"])
-def test_two_ranks_agree_on_the_step_multiplier(tmp_path, student_path, estimator):
-    torchrun("pgpo_two_ranks.py", str(tmp_path), estimator)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_two_ranks_agree_on_the_step_multiplier(two_rank_runs, estimator):
+    rank0, rank1 = (torch.load(two_rank_runs / f"{estimator}_rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0["world_size"] == 2 and len(rank0["steps"]) == len(rank1["steps"]) == 3
     differs_from_local = False
     for s0, s1 in zip(rank0["steps"], rank1["steps"]):
