@@ -17,8 +17,8 @@ source is wrong on a seeded `--misleading` share of optimizer batches: prompts a
 misleading on others. SDPO shows feedback only to groups without a successful sibling (official default). Each
 setting runs at each of `--learning-rates` (constant): at the larger one SDPO's self-teacher loses its skill of
 reading the context during training and SDPO collapses late (the failure PGPO's paper reports). At `--evals` points
-each policy is evaluated on held-out prompts WITHOUT feedback (the student's view): success rate of `--eval-n`
-samples per prompt at temperature 1.
+each policy is evaluated on prompts WITHOUT feedback (the student's view; a separate draw, but training shows the same
+small set of questions): success rate of `--eval-n` samples per prompt at temperature 1.
 
 Reported per (setting, method), means over seeds: the eval success curve, best-within-run and final success (late
 collapse = final < best - `--collapse-drop`), the training reward curve, the m_k and I_k trajectories, the
@@ -121,14 +121,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# evaluation: held-out prompts without feedback (what the student sees at test time)
+# evaluation: prompts without feedback (what the student sees at test time)
 # ----------------------------------------------------------------------------------------------------------------------
 class Evaluator:
     def __init__(self, args):
         from trl_ext import demo
 
         self.tokenizer = demo.build_tokenizer()
-        rows = demo.get_task(args.task).dataset(args.eval_prompts, seed=10_001)  # disjoint from training (seed 1)
+        # Its own seed, but training (seed 1) shows these questions too: the task has few distinct ones.
+        rows = demo.get_task(args.task).dataset(args.eval_prompts, seed=10_001)
         texts = [self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
                  for p in rows["prompt"]]
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
@@ -321,7 +322,7 @@ def plot(report: dict, path: Path) -> None:
         ax = axes[0, col]
         for method, entry in summary[setting].items():
             ax.plot(entry["eval_steps"], entry["success_mean"], marker="o", color=COLORS[method], label=LABELS[method])
-        ax.set(title=f"{setting}: held-out success\n(no feedback in the prompt, T=1)", xlabel="optimizer step",
+        ax.set(title=f"{setting}: evaluation success\n(no feedback in the prompt, T=1)", xlabel="optimizer step",
                ylabel="success rate")
         ax.legend()
         ax = axes[1, col]

@@ -16,8 +16,8 @@ for), 16 samples per prompt, 64 completions per optimizer step and 4 optimizer s
 256/64 [S], so ratios move off 1 and the clip acts), constant learning rates. A run stops when it has
 *generated* `--samples` completions, refill rounds included, so ProRL makes far fewer optimizer steps than GRPO for
 the same sampling budget. At `--evals` points along the budget (and for the initial student), each policy is
-evaluated on `--eval-prompts` held-out prompts with `--eval-n` samples per prompt at temperature
-`--eval-temperature` (the same for both methods):
+evaluated on `--eval-prompts` evaluation prompts (a separate draw from the task's questions, which training
+covers too) with `--eval-n` samples per prompt at temperature `--eval-temperature` (the same for both methods):
 
 * pass@k for k = 1..16, from the n samples per prompt with the unbiased estimator 1 - C(n-c, k) / C(n, k)
   (Chen et al., 2021), averaged over prompts (success = exact reversal);
@@ -198,14 +198,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 # evaluation
 # ----------------------------------------------------------------------------------------------------------------------
 class Evaluator:
-    """pass@k, entropy and reward of a policy on fixed held-out prompts (its own samples, fixed seed)."""
+    """pass@k, entropy and reward of a policy on fixed evaluation prompts (its own samples, fixed seed)."""
 
     def __init__(self, task: str, args):
         from trl_ext import demo
 
         self.task = demo.get_task(task)
         self.tokenizer = demo.build_tokenizer()
-        rows = self.task.dataset(args.eval_prompts, seed=10_001)  # disjoint seed from training data (seed 1)
+        rows = self.task.dataset(args.eval_prompts, seed=10_001)  # training (seed 1) has these questions too
         texts = [self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
                  for p in rows["prompt"]]
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
@@ -591,7 +591,7 @@ def plot(report: dict, path: Path) -> None:
             ax.plot(x, y, style, color=COLORS[method], marker="o", ms=3, label=f"{label[method]} pass@{k}")
             if len(runs[method]) > 1:
                 ax.fill_between(x, lo, hi, color=COLORS[method], alpha=0.1)
-    finish_axes(ax, "generated samples (refill included)", "pass@k on held-out prompts",
+    finish_axes(ax, "generated samples (refill included)", "pass@k on the evaluation prompts",
                 "(a) pass@1 and pass@16 over training, same sample budget")
 
     ax = axes[0, 1]
@@ -788,7 +788,8 @@ def main(argv=None) -> int:
                 "prorl": "trl_ext.ProRLTrainer, ProRLConfig defaults (epsilon 0.2/0.4, beta=1e-4, temperature=1.2, "
                          "dynamic_sampling='refill', max 10 rounds) + ref_reset_steps=reset_every + prorl_overrides",
             },
-            "pass_at_k": "unbiased estimator from eval_n samples per held-out prompt, exact-match success",
+            "pass_at_k": "unbiased estimator from eval_n samples per evaluation prompt (a separate draw from the "
+                         "task's questions, which training covers too), exact-match success",
         },
     }
     runs = {}

@@ -506,7 +506,7 @@ def targets(report: dict, args) -> dict:
             "cross_check_sampled_training_reward_minus_none": paired_minus_none(lambda run: _last_tenth(run["reward"])),
         }
         if all("final_sampled" in training[c]["per_seed"][seed] for c in ["none", *purifiers] for seed in seeds):
-            # Also not the target: the final student's expected (sampled) reward on the held-out in-domain prompts.
+            # Also not the target: the final student's expected (sampled) reward on the in-domain evaluation prompts.
             entry["cross_check_sampled_final_minus_none"] = paired_minus_none(
                 lambda run: run["final_sampled"]["in_domain"])
     routers = [c for c in ROUTERS if c in score]

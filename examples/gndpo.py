@@ -6,7 +6,7 @@
 """GNDPO: on-policy distillation with globally normalized advantages (arXiv 2606.09091).
 
 With no arguments it runs the embedded offline demo (a tiny SFT teacher that solves small-number addition, a
-weak student, a few thousand steps on CPU in about a minute):
+weak student, 1000 steps on CPU in under two minutes):
 
     accelerate launch examples/gndpo.py
 

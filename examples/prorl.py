@@ -22,9 +22,9 @@ Real models (the paper's recipe: 16 samples per prompt at temperature 1.2, clip 
         --max_completion_length 8192 --ref_reset_steps 300 --eos_penalty 0.1 --output_dir ProRL-1.5B --push_to_hub
 
 Validation-triggered resets: `--eval_strategy steps --eval_steps 50 --ref_reset_metric eval_reward` (the demo
-evaluates on held-out prompts; real runs use `--dataset_test_split`). LoRA: `--use_peft --lora_target_modules q_proj
-v_proj` (the reference is then a frozen copy of the adapter). Every GRPOConfig/ProRLConfig/ModelConfig flag works,
-and `--config recipe.yaml` reads them from YAML.
+evaluates on prompts drawn with a seed of their own; real runs use `--dataset_test_split`). LoRA: `--use_peft
+--lora_target_modules q_proj v_proj` (the reference is then a frozen copy of the adapter). Every
+GRPOConfig/ProRLConfig/ModelConfig flag works, and `--config recipe.yaml` reads them from YAML.
 """
 
 from __future__ import annotations

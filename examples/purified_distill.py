@@ -66,7 +66,8 @@ class PurifiedDistillScriptArguments(RewardScriptArguments):
     demo_train_size: int = field(default=8000, metadata={"help": "Number of demo training prompts (in-domain)."})
     demo_eval_size: int = field(
         default=64,
-        metadata={"help": "Number of held-out in-domain demo prompts evaluated when --eval_strategy is not 'no'."},
+        metadata={"help": "Number of in-domain demo prompts (drawn with their own seed) evaluated when "
+                  "--eval_strategy is not 'no'."},
     )
 
 

@@ -545,18 +545,15 @@ def test_feedback_column_is_checked_before_loading(tmp_path, arithmetic_dataset)
                     train_dataset=with_feedback)
 
 
-def test_policy_loss_settings_without_policy_loss_warn(tmp_path):
-    with pytest.warns(UserWarning, match="`loss_type`, `epsilon` only shape GRPO's policy loss"):
+def test_policy_loss_settings_without_policy_loss_fail(tmp_path):
+    with pytest.raises(ValueError, match="`loss_type='grpo'`, `epsilon=0.3`: these settings only shape GRPO's"):
         cpu_config(PGPOConfig, tmp_path, loss_type="grpo", epsilon=0.3)
     # TRL's entropy bonus and reward aggregation live in the same policy loss / advantages.
-    with pytest.warns(UserWarning, match="`multi_objective_aggregation`, `entropy_coef`, `use_adaptive_entropy` only"):
+    with pytest.raises(ValueError, match="`multi_objective_aggregation='normalize_then_sum'`, `entropy_coef=0.01`, "
+                                         "`use_adaptive_entropy=True`: these"):
         cpu_config(PGPOConfig, tmp_path, entropy_coef=0.01, use_adaptive_entropy=True,
                    multi_objective_aggregation="normalize_then_sum")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        cpu_config(PGPOConfig, tmp_path, loss_type="grpo", distillation_weight=0.5)  # used by the mixed loss
+    cpu_config(PGPOConfig, tmp_path, loss_type="grpo", distillation_weight=0.5)  # used by the mixed loss
 
 
 def test_model_card_settings_table_survives_multiline_templates(tmp_path, student_path, arithmetic_dataset):

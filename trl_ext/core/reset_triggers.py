@@ -55,7 +55,12 @@ class ResetSchedule:
             )
         if self.patience < 1:
             raise ValueError(f"The validation `patience` must be >= 1 evaluation, got {self.patience}.")
-        if self.min_delta < 0:
+        if self.metric is not None and not (isinstance(self.metric, str) and self.metric.strip()):
+            raise ValueError(
+                f"The validation `metric` must name an evaluation metric (e.g. 'eval_reward'), got {self.metric!r}; "
+                "use None for no validation trigger."
+            )
+        if not self.min_delta >= 0:  # NaN fails this too: no evaluation would ever count as an improvement
             raise ValueError(f"`min_delta` must be >= 0, got {self.min_delta}.")
         if self.kl_share_threshold is not None and not 0 < self.kl_share_threshold < 1:
             raise ValueError(

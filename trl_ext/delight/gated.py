@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .. import _compat
+from ..core.field_values import raise_for_bad_field_values
 from ..core.ignored_settings import raise_for_ignored_settings
 from ..core.rows import concat_rows, take_rows
 from ..core.stats import masked_moments
@@ -85,6 +86,7 @@ class KondoGateArguments:
 
     def __post_init__(self):
         super().__post_init__()
+        raise_for_bad_field_values(self)
         if self.gate not in GATE_RULES:
             raise ValueError(f"Unknown `gate={self.gate!r}`; choose one of {list(GATE_RULES)}.")
         if self.gate_eta <= 0:

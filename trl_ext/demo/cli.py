@@ -109,7 +109,9 @@ class ExampleScriptArguments(RewardScriptArguments):
     )
     demo_train_size: int = field(default=8000, metadata={"help": "Number of demo training prompts."})
     demo_eval_size: int = field(
-        default=64, metadata={"help": "Number of held-out demo prompts evaluated when --eval_strategy is not 'no'."}
+        default=64,
+        metadata={"help": "Number of demo prompts (drawn with their own seed) evaluated when --eval_strategy is not "
+                  "'no'."},
     )
 
 

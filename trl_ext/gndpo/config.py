@@ -7,6 +7,7 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from ..core.field_values import raise_for_bad_field_values, raise_for_bad_json
 from ..core.ignored_settings import raise_for_ignored_settings
 
 ADVANTAGE_NORMALIZATIONS = ("global", "none")
@@ -74,7 +75,9 @@ class GNDPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        raise_for_bad_json(self, ("teacher_model_init_kwargs",))
         super().__post_init__()
+        raise_for_bad_field_values(self)
         if self.score_clip <= 0:
             raise ValueError(
                 f"`score_clip` must be > 0, got {self.score_clip}. It bounds the per-token log-ratio before "

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
+import string
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..core.field_values import raise_for_bad_field_values
 from ..core.ignored_settings import raise_for_ignored_settings
 from .context import FEEDBACK_TEMPLATE, REPROMPT_TEMPLATE, SOLUTION_TEMPLATE
 from .information import ESTIMATORS
@@ -133,7 +134,7 @@ class PGPOConfig(GRPOConfig):
     multiplier_min: float = field(
         default=0.02,
         metadata={"help": "Lower bound m_min of the multiplier (ours). Low enough that the step keeps shrinking once "
-                  "the teacher's information has drained to ~10% of its peak: at 0.1 the steps that remained still "
+                  "the teacher's information has drained to a tenth of its peak: at 0.1 the steps that remained still "
                   "collapsed the student at the benchmark's larger learning rate."},
     )
     multiplier_max: float = field(default=2.0, metadata={"help": "Upper bound m_max of the multiplier (ours)."})
@@ -168,6 +169,7 @@ class PGPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        raise_for_bad_field_values(self)
         checks = [
             (0.0 <= self.distillation_alpha <= 1.0, "distillation_alpha", self.distillation_alpha,
              "use 0 (forward KL), 1 (reverse KL) or a value in between (JSD)"),
@@ -196,31 +198,32 @@ class PGPOConfig(GRPOConfig):
             if not ok:
                 raise ValueError(f"Invalid `{name}={value!r}`: {fix}.")
         modulated = (self.step_size_modulation, "step_size_modulation=True")
+        feedback = (self.include_environment_feedback, "include_environment_feedback=True")
         raise_for_ignored_settings(self, {
             "teacher_update_rate": (self.teacher_model_kind == "ema", "teacher_model_kind='ema'"),
             "multiplier_min": modulated, "multiplier_max": modulated, "multiplier_power": modulated,
             "multiplier_ratchet": modulated, "information_reference": modulated,
             "agreement_buckets": (self.information_estimator == "agreement", "information_estimator='agreement'"),
             "distillation_add_tail": (self.distillation_topk is not None, "distillation_topk (a top-k support)"),
+            "environment_feedback_only_without_solution": feedback,
+            "feedback_template": feedback,
+            "feedback_column": feedback,
         })
-        for name, template, fields in (
-            ("reprompt_template", self.reprompt_template, ("{prompt}", "{solution}", "{feedback}")),
-            ("solution_template", self.solution_template, ("{successful_previous_attempt}",)),
-            ("feedback_template", self.feedback_template, ("{feedback_raw}",)),
+        for name, template, placeholders in (
+            ("reprompt_template", self.reprompt_template, ("prompt", "solution", "feedback")),
+            ("solution_template", self.solution_template, ("successful_previous_attempt",)),
+            ("feedback_template", self.feedback_template, ("feedback_raw",)),
         ):
-            missing = [f for f in fields if f not in template]
-            if missing:
-                raise ValueError(f"`{name}` must contain {', '.join(missing)}, got {template!r}.")
+            check_template(name, template, placeholders)
         if self.distillation_weight == 1.0:
             changed = [name for name in POLICY_LOSS_FIELDS
                        if getattr(self, name) != GRPOConfig.__dataclass_fields__[name].default]
             if changed:
-                warnings.warn(
-                    f"{', '.join(f'`{n}`' for n in changed)} only shape GRPO's policy loss, which PGPO does not compute "
-                    "with distillation_weight=1.0 (the self-distillation loss replaces it): they have no effect. Set "
-                    "distillation_weight < 1 to mix in GRPO's loss.",
-                    UserWarning,
-                    stacklevel=2,
+                raise ValueError(
+                    f"{', '.join(f'`{n}={getattr(self, n)!r}`' for n in changed)}: these settings only shape GRPO's "
+                    "policy loss, which PGPO does not compute with distillation_weight=1.0 (the self-distillation "
+                    "loss replaces it), so they would have no effect. Leave them at GRPOConfig's defaults, or set "
+                    "distillation_weight < 1 to mix in GRPO's loss."
                 )
         if self.distillation_weight == 1.0 and self.beta != 0.0:
             # With distillation only, TRL's policy loss (and with it the KL penalty) is not computed.
@@ -228,3 +231,25 @@ class PGPOConfig(GRPOConfig):
                 f"`beta={self.beta}` has no effect with `distillation_weight=1.0`: the self-distillation loss replaces "
                 "GRPO's policy loss and its KL term. Set beta=0.0, or distillation_weight < 1 to mix in GRPO's loss."
             )
+
+
+def check_template(name: str, template: str, placeholders: tuple[str, ...]) -> None:
+    """A reprompt template must name each of its placeholders and no other: `str.format` would otherwise fail at the
+    first teacher context, inside training (a KeyError for an unknown name, a ValueError for a lone brace)."""
+    try:
+        used = {field_name for _, field_name, _, _ in string.Formatter().parse(template) if field_name is not None}
+    except ValueError as error:
+        raise ValueError(
+            f"`{name}` is not a valid format string ({error}): got {template!r}. Write a literal brace as '{{{{' or "
+            "'}}}}'."
+        ) from None
+    expected = ", ".join("{" + p + "}" for p in placeholders)
+    missing = [p for p in placeholders if p not in used]
+    if missing:
+        raise ValueError(f"`{name}` must contain {', '.join('{' + p + '}' for p in missing)}, got {template!r}.")
+    unknown = sorted(used - set(placeholders))
+    if unknown:
+        raise ValueError(
+            f"`{name}` uses the placeholder(s) {', '.join('{' + u + '}' for u in unknown)}, which PGPO does not fill: "
+            f"got {template!r}. Use only {expected}, and write a literal brace as '{{{{' or '}}}}'."
+        )

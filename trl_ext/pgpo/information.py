@@ -2,7 +2,7 @@
 
 PGPO (arXiv 2606.03620) scales each step by "a mutual-information estimate between the student's predictions and the
 feedback-conditioned teacher"; the paper's estimator is not public, so both candidates below are our
-interpretation (research/papers.md §3.3, [I]). Each is computed from the log-probs the distillation loss already
+interpretation ([I]). Each is computed from the log-probs the distillation loss already
 has (no extra forward pass), detached, as sums over tokens, so that the statistics of every micro-batch and process
 of an optimizer step add up before I_k is formed.
 

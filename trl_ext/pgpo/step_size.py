@@ -6,7 +6,7 @@
 (or relative to the peak of the running mean, and with the ratchet never above the multiplier of the running mean's
 lowest value since that peak: see StepSizeController).
 
-The form, the bounds and the EMA are our reading of the paper (research/papers.md §3.3, [I]): bounded so the
+The form, the bounds and the EMA are our reading of the paper's abstract ([I]): bounded so the
 rescaled step stays a smooth bounded rescaling of SGD's (the paper's order-1 weak-approximation claim), relative to
 a running mean so the learning rate keeps its meaning, with a sensitivity `gamma` because a step's information moves
 only by some 10% between informative and misleading batches. It scales the learning rate, not the loss, because Adam's

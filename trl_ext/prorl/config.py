@@ -1,6 +1,6 @@
 """ProRLConfig: GRPOConfig with ProRL's defaults, dynamic sampling, reference resets and the EOS penalty.
 
-Sources of the defaults (see research/papers.md §6): [P] the ProRL paper (arXiv 2505.24864) or, marked [S], its
+Sources of the defaults: [P] the ProRL paper (arXiv 2505.24864) or, marked [S], its
 settings as reported by several independent summaries; [C] released code (NVIDIA NeMo-RL's ProRLv2 recipe, verl's
 DAPO recipe); [I] our choice where the paper is silent.
 """
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..core.field_values import raise_for_bad_field_values
 from ..core.ignored_settings import raise_for_ignored_settings
 from ..core.reset_triggers import ResetSchedule
 
@@ -150,6 +151,7 @@ class ProRLConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        raise_for_bad_field_values(self)
         if self.dynamic_sampling not in DYNAMIC_SAMPLING_MODES:
             raise ValueError(
                 f"Unknown `dynamic_sampling={self.dynamic_sampling!r}`. Choose 'refill' (DAPO: resample until the "
@@ -213,6 +215,11 @@ class ProRLConfig(GRPOConfig):
             raise ValueError(f"`ref_reset_kl_patience` must be >= 1 step, got {self.ref_reset_kl_patience}.")
         if self.ref_reset_min_delta < 0:
             raise ValueError(f"`ref_reset_min_delta` must be >= 0, got {self.ref_reset_min_delta}.")
+        if self.ref_reset_metric is not None and not self.ref_reset_metric.strip():
+            raise ValueError(
+                f"`ref_reset_metric={self.ref_reset_metric!r}` names no metric. Set it to an evaluation metric such as "
+                "'eval_reward', or leave it None for no validation trigger."
+            )
         if self.ref_reset_kl_share is not None and not 0 < self.ref_reset_kl_share < 1:
             raise ValueError(
                 f"`ref_reset_kl_share` must be in (0, 1), got {self.ref_reset_kl_share}: it is the KL term's share of "

@@ -1,7 +1,7 @@
 """The penalty for completions that do not end with EOS (ProRL's later runs, against runaway response length).
 
-ProRL's runs 4-5 "penalize responses that do not terminate with EOS" (arXiv 2505.24864, as summarized in
-research/papers.md §6.3); the paper's exact form is not available to us. We add `-penalty` to the reward of every
+ProRL's runs 4-5 "penalize responses that do not terminate with EOS" (arXiv 2505.24864, as secondary summaries
+report it); the paper's exact form is not available to us. We add `-penalty` to the reward of every
 completion whose last token is not an EOS token (a completion cut at `max_completion_length`), as an extra reward
 function, so TRL logs it as `rewards/eos_penalty/mean` and it enters the group advantage like any reward. [I]
 """
