@@ -1,6 +1,7 @@
 """Contract with TRL's private API: fails loudly, naming the TRL version, when something we rely on moves."""
 
 import pytest
+import torch
 
 from trl_ext import _compat
 
@@ -115,3 +116,40 @@ def test_ema_update_model():
     expected = [0.75 * t.detach() + 0.25 * s.detach() for t, s in zip(target.parameters(), source.parameters())]
     _compat.ema_update_model(source, target, 0.25)
     assert all(torch.allclose(t, e) for t, e in zip(target.parameters(), expected))
+
+
+def test_vllm_weight_sync_leaves_out_internal_adapter_copies():
+    # TRL's sync renames only `modules_to_save.default.`; the teacher's and reference's copies of a LoRA
+    # `modules_to_save` module would reach vLLM under names it does not know. Runs TRL's real name iteration
+    # (vLLM itself is not needed for it) on a tiny PEFT model.
+    import contextlib
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"],
+                                                               modules_to_save=["lm_head"]))
+    for adapter in ("teacher", _compat.REFERENCE_ADAPTER):
+        model.add_adapter(adapter, model.peft_config["default"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.fill_(0.5)
+    generation = VLLMGeneration.__new__(VLLMGeneration)
+    generation.model = model
+    generation._dist = SimpleNamespace(is_fsdp=False, gather_params=lambda params: contextlib.nullcontext())
+    vllm_names = {name for name, _ in LlamaForCausalLM(config).named_parameters()}
+
+    unknown = {name for name, _ in generation._iter_named_params()} - vllm_names
+    assert unknown == {"lm_head.modules_to_save.teacher.weight", "lm_head.modules_to_save.ref.weight"}, unknown
+
+    internal = {_compat.REFERENCE_ADAPTER}
+    _compat.keep_internal_adapters_out_of_vllm(SimpleNamespace(vllm_generation=generation), internal)
+    internal.add("teacher")  # registered after the wrap, as PGPO's teacher adapter is
+    pushed = list(generation._iter_named_params())
+    assert {name for name, _ in pushed} == vllm_names and len(pushed) == len(vllm_names)
+    assert (dict(pushed)["lm_head.weight"] == 0.5).all()  # the trained adapter's copy
+    assert model.active_adapter == "default"

@@ -236,6 +236,17 @@ def test_bad_config_fails_at_construction(tmp_path, overrides, message):
         cpu_config(DelightConfig, tmp_path, **overrides)
 
 
+def test_sampler_surprisal_without_sampler_log_probs_names_the_fix():
+    # TRL keeps `sampling_per_token_logps` only when the backend returned log-probs (a rollout_func may not).
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(args=SimpleNamespace(gate_surprisal="sampler"))
+    with pytest.raises(ValueError, match="this rollout has none.*Use gate_surprisal='policy'"):
+        KondoGateMixin._gate_surprisals(trainer, {"completion_ids": torch.ones(2, 3)})
+    logps = torch.tensor([[-0.5, -2.0]])
+    assert torch.equal(KondoGateMixin._gate_surprisals(trainer, {"sampling_per_token_logps": logps}), -logps)
+
+
 @pytest.mark.parametrize(
     "windows",
     [

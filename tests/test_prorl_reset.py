@@ -247,6 +247,27 @@ def test_resume_after_a_reset_restores_reference_and_history(tmp_path, student_p
         assert torch.equal(p.detach(), q), name
 
 
+def test_a_reset_pending_at_a_mid_rollout_checkpoint_happens_when_the_resumed_run_starts(tmp_path, student_path,
+                                                                                          arithmetic_dataset):
+    # Two optimizer steps per rollout: the reset requested at step 3 waits for the boundary after step 4. A run
+    # resumed from checkpoint-3 starts with a fresh rollout (TRL does not checkpoint its buffer), which is that
+    # boundary; the pending reset used to wait for the next one instead, which the resumed run's steps shifted.
+    def make(**overrides):
+        args = cpu_config(ProRLConfig, tmp_path, beta=0.1, ref_reset_steps=3, dynamic_sampling="none",
+                          steps_per_generation=2, **overrides)
+        return ProRLTrainer(model=student_path, reward_funcs=[alternating_reward], args=args,
+                            train_dataset=arithmetic_dataset)
+
+    first = make(max_steps=3, save_strategy="steps", save_steps=3)
+    first.train()
+    assert first.reference_reset.history == [] and first.reference_reset.pending["requested_at"] == 3
+    resumed = make(max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert resumed.reference_reset.history == [{"step": 3, "reason": "schedule", "requested_at": 3}]
+    assert resumed.reference_reset.pending is None
+    assert train_logs(resumed)[-1]["kl"] == pytest.approx(0.0, abs=1e-7)  # step 4's rollout: reference = policy
+
+
 def test_resume_after_a_reset_with_lora_restores_the_reference_adapter(tmp_path, student_path, arithmetic_dataset):
     def make(**overrides):
         args = cpu_config(ProRLConfig, tmp_path, beta=0.1, ref_reset_steps=2, dynamic_sampling="none", **overrides)

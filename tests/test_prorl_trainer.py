@@ -10,6 +10,7 @@ import torch
 
 from conftest import cpu_config
 from trl_ext import demo
+from trl_ext.delight import KondoGateArguments, KondoGateMixin
 from trl_ext.prorl import ProRLConfig, ProRLTrainer
 from trl_ext.prorl.batch_rows import take_rows
 
@@ -361,3 +362,76 @@ def test_trl_internals_prorl_relies_on(tmp_path, student_path, arithmetic_datase
     }
     for name, kind in expected.items():
         assert isinstance(getattr(trainer, name, None), kind), f"TRL {_compat.TRL_VERSION}: GRPOTrainer.{name} changed"
+
+
+# ----- the Kondo gate mixed in --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GatedProRLConfig(KondoGateArguments, ProRLConfig):
+    pass
+
+
+class GatedProRLTrainer(KondoGateMixin, ProRLTrainer):
+    pass
+
+
+def test_kondo_gate_decides_once_on_the_refilled_batch(tmp_path, student_path, mostly_even_dataset):
+    # The post-rollout hooks (here the gate) see the final batch, not each refill round: the gate used to get every
+    # round's rows and refill then refused to merge the rounds' gate keys. Post-rollout hooks also get the rows'
+    # dataset rows and completion ids.
+    args = cpu_config(GatedProRLConfig, tmp_path, max_steps=3, dynamic_sampling="refill", gate="threshold",
+                      gate_price=-1e9, loss_type="dapo")
+    trainer = GatedProRLTrainer(model=student_path, reward_funcs=[parity_reward], args=args,
+                                train_dataset=mostly_even_dataset)
+    hooked = []
+    original = trainer._postprocess_rollout
+
+    def spy(inputs, rollout):
+        rollout = original(inputs, rollout)
+        hooked.append((inputs, rollout["prompt_ids"].clone(), rollout["completion_ids"].clone(),
+                       list(trainer.rollout_completion_ids), trainer.last_dynamic_sampling))
+        return rollout
+
+    trainer._postprocess_rollout = spy
+    trainer.train()
+    assert len(hooked) == 3 and sum(result.rounds - 1 for *_, result in hooked) >= 1  # refill happened
+    for inputs, prompt_ids, completion_ids, ids, _ in hooked:
+        assert [int(row["answer"]) for row in inputs] == answers_of(trainer, prompt_ids)
+        assert all(int(row["answer"]) % 2 == 1 for row in inputs)  # the informative groups that were kept
+        mask = completion_ids != trainer.processing_class.pad_token_id
+        assert [completion_ids[i][mask[i]].tolist() for i in range(len(ids))] == ids
+    # At a price below every delight the gate keeps exactly the batch's completions, once per step.
+    assert trainer.gate_counters["completions"] == trainer.gate_counters["completions_kept"] == 3 * 8
+
+
+def test_kondo_gate_skips_rows_that_dynamic_sampling_masked(tmp_path, student_path, mostly_even_dataset):
+    args = cpu_config(GatedProRLConfig, tmp_path, max_steps=2, dynamic_sampling="filter", gate="threshold",
+                      gate_price=-1e9, loss_type="dapo")
+    trainer = GatedProRLTrainer(model=student_path, reward_funcs=[parity_reward], args=args,
+                                train_dataset=mostly_even_dataset)
+    seen = capture_rollouts(trainer)
+    trainer.train()
+    masked = sum(int((rollout["completion_mask"].sum(1) == 0).sum()) for rollout, _ in seen)
+    assert masked > 0  # filter-only masks the uninformative groups in place
+    # A masked row has no loss tokens: it gets no backward pass, however low the price, and no place in the history.
+    assert trainer.gate_counters["completions_kept"] == trainer.gate_counters["completions"] - masked
+    logs = [e for e in trainer.state.log_history if "delight/nonfinite_delights" in e]
+    assert logs and all(e["delight/nonfinite_delights"] == 0 for e in logs)
+
+
+def test_kl_share_scale_spans_every_rollout_of_the_step(tmp_path, student_path, mostly_even_dataset):
+    # With steps_per_generation < gradient_accumulation_steps an optimizer step trains on two rollouts; the KL
+    # share's advantage scale is over both (it was the latest rollout's alone).
+    def answer_sized_reward(completions, answer, **kwargs):  # |advantage| = answer / 2: differs between prompts
+        return [float(i % 2) * int(a) for i, a in enumerate(answer)]
+
+    dataset = mostly_even_dataset.filter(lambda row: int(row["answer"]) > 0)
+    trainer = make(tmp_path, student_path, dataset, reward=answer_sized_reward, max_steps=1, dynamic_sampling="none",
+                   beta=0.1, scale_rewards="none", gradient_accumulation_steps=2, steps_per_generation=1,
+                   per_device_train_batch_size=4)
+    seen = capture_rollouts(trainer)
+    trainer.train()
+    assert len(seen) == 2
+    totals = [(r["advantages"].abs().unsqueeze(1) * r["completion_mask"]).sum().item() for r, _ in seen]
+    tokens = [r["completion_mask"].sum().item() for r, _ in seen]
+    assert totals[0] / tokens[0] != pytest.approx(totals[1] / tokens[1])  # the two rollouts differ
+    assert trainer._advantage_scale == pytest.approx(sum(totals) / sum(tokens))

@@ -25,6 +25,9 @@ What we rely on (TRL 1.16):
 - `accelerator.sync_gradients` is set by transformers' training loop before each micro-batch and is True on the
   last micro-batch of an optimizer step: PGPO sets that step's learning rate there (before the backward in which
   DeepSpeed steps).
+- `trl.generation.vllm_generation.VLLMGeneration._iter_named_params()`, the (name, tensor) pairs of a vLLM weight
+  sync: wrapped per trainer (`keep_internal_adapters_out_of_vllm`) so that the copies of LoRA `modules_to_save` kept
+  by trl_ext's internal adapters (the EMA teacher, the reference) are not pushed to vLLM as unknown weights.
 - helpers from `trl.trainer.utils` / `trl.models`: model loading, the fused LM head, DeepSpeed/FSDP preparation,
   adapter switching (`use_adapter`), and the reference-model EMA of `SyncRefModelCallback` (ZeRO-3 aware).
 """
@@ -271,3 +274,22 @@ def ema_update_model(source: torch.nn.Module, target: torch.nn.Module, rate: flo
     """target <- (1 - rate) * target + rate * source, parameter by parameter (gathers ZeRO-3 shards, as TRL does for
     its TR-DPO reference model)."""
     SyncRefModelCallback.sync_target_model(source, target, rate)
+
+
+def keep_internal_adapters_out_of_vllm(trainer: GRPOTrainer, internal_adapters: set[str]) -> None:
+    """TRL's vLLM weight sync merges the active LoRA adapter and renames only `modules_to_save.default.` copies;
+    the copies of `modules_to_save` that every other adapter keeps (`lm_head.modules_to_save.teacher.weight`) would
+    be pushed under names vLLM does not know. Drop the copies of the adapters in `internal_adapters` (a live set:
+    adapters added later are dropped too). The filter sits after TRL's gathers, so every process still takes part
+    in each collective."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None:
+        return
+    iterate = generation._iter_named_params
+
+    def named_params_without_internal_copies():
+        for name, param in iterate():
+            if not any(f"modules_to_save.{adapter}." in name for adapter in internal_adapters):
+                yield name, param
+
+    generation._iter_named_params = named_params_without_internal_copies

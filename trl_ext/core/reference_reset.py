@@ -228,6 +228,9 @@ class ReferenceResetCallback(TrainerCallback):
         self._training = True
         if self.reset_optimizer:
             innermost_optimizer(self.trainer.optimizer)  # fail now, not at the first reset
+        # Resumed from a checkpoint saved inside a rollout with a reset pending: TRL does not checkpoint its buffered
+        # rollout and generates a fresh one at once, so this is the rollout boundary the reset was waiting for.
+        self._maybe_reset(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._training = False

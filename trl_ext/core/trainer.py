@@ -117,6 +117,7 @@ class ExtGRPOTrainer(GRPOTrainer):
         self._internal_adapters: set[str] = {_compat.REFERENCE_ADAPTER}
         super().__init__(*args, **kwargs)
         check_device(self.accelerator.device)
+        _compat.keep_internal_adapters_out_of_vllm(self, self._internal_adapters)
         # One all-reduce turns per-process moments into statistics of the whole generation batch.
         self.reduce_sum = accelerator_reduce_sum(self.accelerator)
 
@@ -141,8 +142,15 @@ class ExtGRPOTrainer(GRPOTrainer):
         self._rollout_completion_ids = [list(ids) for ids in completion_ids_list]
         return rewards
 
+    def _generate_rollout(self, inputs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """TRL's generation and scoring of one generation batch, before the post-rollout hook: returns this
+        process's dataset rows of the batch and the rollout. A trainer that draws the batch in several rounds
+        (ProRL's refill) overrides it, so that the hook sees the final batch and the rows it was drawn from."""
+        return inputs, super()._generate_and_score_completions(inputs)
+
     def _generate_and_score_completions(self, inputs):
-        rollout = self._postprocess_rollout(inputs, super()._generate_and_score_completions(inputs))
+        inputs, rollout = self._generate_rollout(inputs)
+        rollout = self._postprocess_rollout(inputs, rollout)
         advantages = rollout["advantages"]
         if self.args.log_completions and advantages.dim() == 2:
             # Per-token advantages (distillation): the completions table shows each completion's token mean of the
@@ -165,7 +173,8 @@ class ExtGRPOTrainer(GRPOTrainer):
     @property
     def rollout_completion_ids(self) -> list[list[int]] | None:
         """This process's completions of the current generation batch as the reward functions saw them: every
-        generated token, also where the completion mask hides a row (`mask_truncated_completions`)."""
+        generated token, also where the completion mask hides a row (`mask_truncated_completions`); row for row
+        those of the batch the post-rollout hook sees."""
         return self._rollout_completion_ids
 
     @property
@@ -226,8 +235,8 @@ class ExtGRPOTrainer(GRPOTrainer):
             torch.save(state, os.path.join(checkpoint_dir, TRAINER_STATE_FILE))
 
     def register_internal_adapter(self, name: str) -> None:
-        """Mark the LoRA adapter `name` as trainer state: saved models (checkpoints, save_model, push_to_hub) leave it
-        out, so whoever registers it must save its weights with `register_state`."""
+        """Mark the LoRA adapter `name` as trainer state: saved models (checkpoints, save_model, push_to_hub) and vLLM
+        weight syncs leave it out, so whoever registers it must save its weights with `register_state`."""
         self._internal_adapters.add(name)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

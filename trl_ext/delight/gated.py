@@ -227,6 +227,11 @@ class KondoGateMixin:
 
     def _gate_surprisals(self, rollout: dict[str, Any]) -> torch.Tensor:
         if self.args.gate_surprisal == "sampler":
+            if "sampling_per_token_logps" not in rollout:  # TRL keeps them only when the backend returned them
+                raise ValueError(
+                    "gate_surprisal='sampler' prices completions by the generator's log-probs, but this rollout has "
+                    "none (vLLM returns them; a `rollout_func` must return `logprobs`). Use gate_surprisal='policy'."
+                )
             return surprisal(rollout["sampling_per_token_logps"])
         return surprisal(self.student_logps(rollout))
 
@@ -241,7 +246,12 @@ class KondoGateMixin:
             raise NotImplementedError("The Kondo gate re-packs micro-batches row by row and supports text models only.")
         mask = self.loss_mask(rollout)
         chi = sequence_delight(token_delight(self._gate_advantages(rollout), self._gate_surprisals(rollout)), mask)
-        all_chi = self.accelerator.gather(chi.float())
+        # A completion without loss tokens (masked by dynamic sampling or mask_truncated_completions) has nothing to
+        # learn: as NaN it never passes and stays out of the price history (not counted as a non-finite delight).
+        has_tokens = mask.sum(-1) > 0
+        chi = torch.where(has_tokens, chi.float(), torch.nan)
+        all_chi, all_has_tokens = self.accelerator.gather((chi, has_tokens.float()))  # one gather of both
+        all_has_tokens = all_has_tokens > 0
         keep_all = self.kondo_gate.decide(all_chi)
         rank, local = self.accelerator.process_index, chi.shape[0]
         keep = keep_all[rank * local:(rank + 1) * local].to(mask.device)
@@ -253,7 +263,7 @@ class KondoGateMixin:
         finite = torch.isfinite(all_chi)
         moments = masked_moments(all_chi, finite)
         self._metrics["train"]["delight/pass_rate"].append(keep_all.float().mean().item())
-        self._metrics["train"]["delight/nonfinite_delights"].append(float((~finite).sum().item()))
+        self._metrics["train"]["delight/nonfinite_delights"].append(float((~finite & all_has_tokens).sum().item()))
         self._metrics["train"]["delight/completions_skipped"].append(float((~keep_all).sum().item()))
         self._metrics["train"]["delight/price"].append(self.kondo_gate.last_price)
         self._metrics["train"]["delight/sequence_delight_mean"].append(moments.mean.item())

@@ -5,7 +5,8 @@ loss (`loss_type="dapo"`), the KL penalty to a reference (`beta`), the rollout t
 What this trainer adds around TRL's own rollout and loss (all through `super()`):
 * dynamic sampling (`dynamic_sampling.py`): after TRL scores a generation batch, uninformative groups (all rewards
   equal) are dropped; "refill" generates more rounds through TRL's own `_generate_and_score_completions` for
-  fresh prompts and moves informative groups into the empty slots; "filter" only masks;
+  fresh prompts and moves informative groups into the empty slots; "filter" only masks. Both happen in
+  `_generate_rollout`, before the post-rollout hook, so a mixed-in hook (the Kondo gate) sees the final batch;
 * the reference reset (`trl_ext.core.reference_reset`), fed with the KL share of the loss measured here;
 * the EOS penalty (`eos_penalty.py`), an extra reward function.
 
@@ -27,7 +28,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .. import _compat
-from ..core import ExtGRPOTrainer, masked_mean
+from ..core import ExtGRPOTrainer
 from ..core.reference_reset import ReferenceResetCallback
 from ..core.reset_triggers import kl_share
 from ..core.trainer import image_columns, resolve_config
@@ -152,35 +153,38 @@ class ProRLTrainer(ExtGRPOTrainer):
                 schedule, reset_optimizer=args.ref_reset_optimizer, state_name="prorl_reference_reset"
             ).attach(self)
         self.last_dynamic_sampling: DynamicSamplingResult | None = None
-        self._advantage_scale = math.nan  # mean |advantage| over the loss tokens of the latest rollout
+        self._advantage_scale = math.nan  # mean |advantage| over the loss tokens of the optimizer step's rollouts
+        self._step_advantages: list[torch.Tensor] = []  # (sum |advantage|, loss tokens) of each rollout of the step
         self._step_kl: list[tuple[float, float]] = []  # (TRL's micro-batch value, its loss tokens)
         self._step_entropy: list[tuple[float, float]] = []
         self._refill_draws = (-1, 0)  # (global step, rounds drawn at that step): keys the refill prompts
 
     # ----- rollout: dynamic sampling ---------------------------------------------------------------------------------
-    def _generate_and_score_completions(self, inputs):
+    def _generate_rollout(self, inputs):
+        # Dynamic sampling happens here, before the post-rollout hook: a hook (e.g. the Kondo gate mixed in) sees the
+        # final batch once, with the dataset rows and completion ids its rows come from.
         if self._mode != "train" or self.args.dynamic_sampling == "none":
-            rollout = super()._generate_and_score_completions(inputs)
+            inputs, rollout = super()._generate_rollout(inputs)
             if self._mode == "train":
                 self._note_rollout(rollout)
-            return rollout
+            return inputs, rollout
 
-        rounds = [super()._generate_and_score_completions(inputs)]
+        first = Round(*super()._generate_rollout(inputs), self.rollout_rewards, self.rollout_completion_ids)
         if self.args.dynamic_sampling == "refill":
-            check_mergeable(rounds[0])  # at the first step, not at the first refill that moves a group
-        rewards = [self.rollout_rewards]
-        informative = [self._informative(rewards[0])]
-        tables = [_compat.completion_log_tail(self, rewards[0].size(0))]  # each round's rows of TRL's table
+            check_mergeable(first.rollout)  # at the first step, not at the first refill that moves a group
+        rounds = [first]
+        informative = [self._informative(first.rewards)]
+        tables = [_compat.completion_log_tail(self, first.rewards.size(0))]  # each round's rows of TRL's table
         started = time.perf_counter()
         if self.args.dynamic_sampling == "refill":
             # Every process holds the same gathered rewards, hence the same count: all run the same rounds.
             while informative_needed(informative) > 0 and len(rounds) < self.args.dynamic_sampling_max_rounds:
-                rounds.append(super()._generate_and_score_completions(self._refill_inputs(len(inputs))))
-                rewards.append(self.rollout_rewards)
-                informative.append(self._informative(rewards[-1]))
-                tables.append(_compat.completion_log_tail(self, rewards[-1].size(0)))
+                rounds.append(Round(*super()._generate_rollout(self._refill_inputs(len(inputs))),
+                                    self.rollout_rewards, self.rollout_completion_ids))
+                informative.append(self._informative(rounds[-1].rewards))
+                tables.append(_compat.completion_log_tail(self, rounds[-1].rewards.size(0)))
         selection = select_groups(informative)
-        rollout = self._assemble(rounds, rewards, tables, selection, len(inputs))
+        inputs, rollout = self._assemble(rounds, tables, selection, len(inputs))
         result = DynamicSamplingResult(
             rounds=len(rounds),
             informative_per_round=tuple(int(f.sum()) for f in informative),
@@ -196,7 +200,7 @@ class ProRLTrainer(ExtGRPOTrainer):
         self.log_metric("groups_masked", selection.masked)
         self.log_metric("informative_fraction", result.informative_per_round[0] / slots)
         self.log_metric("refill_seconds", result.seconds_refilling)
-        return rollout
+        return inputs, rollout
 
     def _informative(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         return informative_groups(
@@ -215,36 +219,46 @@ class ProRLTrainer(ExtGRPOTrainer):
         rows = [index for index in prompts for _ in range(self.num_generations)]
         return [self.train_dataset[i] for i in local_rows(rows, self.accelerator.process_index, rows_per_process)]
 
-    def _assemble(self, rounds, rewards, tables, selection: GroupSelection, rows_per_process: int) -> dict[str, Any]:
-        """The batch TRL expects (same local size): the selected groups, uninformative slots masked. TRL's
-        completions table gets the same rows, so that `log_completions` shows what is trained on."""
+    def _assemble(self, rounds: list[Round], tables, selection: GroupSelection,
+                  rows_per_process: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The batch TRL expects (same local size): the selected groups, uninformative slots masked, with this
+        process's dataset rows of it. The rewards, completion ids and TRL's completions table get the same rows, so
+        that hooks and `log_completions` see what is trained on."""
         process = slice(self.accelerator.process_index * rows_per_process,
                         (self.accelerator.process_index + 1) * rows_per_process)
         keep = kept_rows(selection, self.num_generations)
         if selection.is_identity:  # no group moved: mask in place, no communication
-            rollout = rounds[0]
-            self._rollout_rewards = rewards[0]
+            inputs, rollout = rounds[0].inputs, rounds[0].rollout
+            self._rollout_rewards, self._rollout_completion_ids = rounds[0].rewards, rounds[0].completion_ids
         else:
             pad_id = self.model.generation_config.pad_token_id  # TRL mirrors the tokenizer's pad id here
-            everything = concat_rows([gather_rows(r, self.accelerator, pad_id) for r in rounds], pad_id)
-            rows = selected_rows(selection, self.num_generations, [r.size(0) for r in rewards])
+            everything = concat_rows([gather_rows(r.rollout, self.accelerator, pad_id) for r in rounds], pad_id)
+            rows = selected_rows(selection, self.num_generations, [r.rewards.size(0) for r in rounds])
             rollout = take_rows(everything, rows[process])
-            self._rollout_rewards = torch.cat(rewards).index_select(0, rows.to(rewards[0].device))
+            self._rollout_rewards = torch.cat([r.rewards for r in rounds]).index_select(
+                0, rows.to(rounds[0].rewards.device))
+            # Rows are numbered round by round, process by process, as the gathered objects are ordered.
+            local = rows[process].tolist()
+            all_inputs = [row for r in rounds for row in _compat.gather_object(r.inputs)]
+            all_ids = [ids for r in rounds for ids in _compat.gather_object(r.completion_ids)]
+            inputs = [all_inputs[i] for i in local]
+            self._rollout_completion_ids = [all_ids[i] for i in local]
             _compat.replace_completion_log_tail(self, take_table_rows(tables, rows))
-        num_items = rounds[0]["num_items_in_batch"]
+        num_items = rounds[0].rollout["num_items_in_batch"]
         rollout = mask_rows(rollout, keep[process])
         # TRL's token-normalized losses divide by the generation batch's loss-token count: count the kept tokens.
         count = self.reduce_sum(self.loss_mask(rollout).sum().to(torch.float64))
         rollout["num_items_in_batch"] = count.round().to(dtype=num_items.dtype, device=num_items.device)
-        return rollout
+        return inputs, rollout
 
     def _note_rollout(self, rollout: dict[str, Any]) -> None:
-        """Remember what the KL share needs at loss time: the rollout's mean |advantage| over its loss tokens."""
-        mask = self.loss_mask(rollout).float()
-        advantages = rollout["advantages"].float()
+        """Remember what the KL share needs at the step's end: the rollout's |advantage| total and loss-token count
+        (all processes). With steps_per_generation < gradient_accumulation_steps a step spans several rollouts."""
+        mask = self.loss_mask(rollout).to(torch.float64)
+        advantages = rollout["advantages"].to(torch.float64)
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1).expand_as(mask)
-        self._advantage_scale = masked_mean(advantages.abs(), mask, self.reduce_sum).item()
+        self._step_advantages.append(self.reduce_sum(torch.stack([(advantages.abs() * mask).sum(), mask.sum()])))
 
     # ----- loss: per-step KL / entropy signals -----------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
@@ -266,6 +280,10 @@ class ProRLTrainer(ExtGRPOTrainer):
             self._step_kl.append((_compat.logged_values(self, "kl")[-1], tokens))
         if not self.accelerator.sync_gradients:
             return
+        if self._step_advantages:  # a step inside a longer rollout keeps that rollout's scale
+            total, tokens = torch.stack(self._step_advantages).sum(0).tolist()
+            self._advantage_scale = total / tokens if tokens > 0 else math.nan
+            self._step_advantages = []
         self.log_metric("entropy", token_weighted_mean(self._step_entropy))
         if self._step_kl:
             kl = token_weighted_mean(self._step_kl)
@@ -277,6 +295,17 @@ class ProRLTrainer(ExtGRPOTrainer):
         if self.reference_reset is not None:
             self.log_metric("resets", self.reference_reset.count)
         self._step_kl, self._step_entropy = [], []
+
+
+@dataclass
+class Round:
+    """One generation round of dynamic sampling: this process's dataset rows, its rollout, the gathered rewards
+    and this process's completion ids."""
+
+    inputs: list[dict[str, Any]]
+    rollout: dict[str, Any]
+    rewards: torch.Tensor
+    completion_ids: list[list[int]]
 
 
 def token_weighted_mean(values: list[tuple[float, float]]) -> float:
