@@ -157,7 +157,7 @@ class ProRLConfig(GRPOConfig):
                 f"Unknown `dynamic_sampling={self.dynamic_sampling!r}`. Choose 'refill' (DAPO: resample until the "
                 "batch is full of informative groups), 'filter' (mask uninformative groups) or 'none'."
             )
-        if not isinstance(self.dynamic_sampling_max_rounds, int) or self.dynamic_sampling_max_rounds < 1:
+        if self.dynamic_sampling_max_rounds < 1:  # an integer: raise_for_bad_field_values checked
             raise ValueError(
                 f"`dynamic_sampling_max_rounds` must be an integer >= 1 (generation rounds per batch, the first "
                 f"included), got {self.dynamic_sampling_max_rounds!r}."
@@ -205,10 +205,10 @@ class ProRLConfig(GRPOConfig):
                 f"`eos_penalty` must be >= 0 (it is subtracted from the reward), got {self.eos_penalty}. Use 0 to "
                 "disable it."
             )
-        for name in ("ref_reset_steps",):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be a positive integer (optimizer steps) or None, got {value!r}.")
+        if self.ref_reset_steps is not None and self.ref_reset_steps < 1:
+            raise ValueError(
+                f"`ref_reset_steps` must be a positive integer (optimizer steps) or None, got {self.ref_reset_steps!r}."
+            )
         if self.ref_reset_patience < 1:
             raise ValueError(f"`ref_reset_patience` must be >= 1 evaluation, got {self.ref_reset_patience}.")
         if self.ref_reset_kl_patience < 1:
