@@ -36,6 +36,9 @@ def test_two_ranks_refill_and_reset_in_step(tmp_path, student_path):
 
     assert rank0["resets"] == rank1["resets"] == [{"step": 2, "reason": "schedule", "requested_at": 2}]
     assert rank0["kl"] == pytest.approx(rank1["kl"])
+    # Every prorl/ metric is the same on both ranks, refill_seconds included (the slowest process's).
+    assert any("prorl/refill_seconds" in entry for entry in rank0["prorl_logs"])
+    assert rank0["prorl_logs"] == rank1["prorl_logs"]
     assert rank0["kl"][1] > 0 and rank0["kl"][2] == pytest.approx(0.0, abs=1e-7)  # the rollout after the reset
     assert rank0["policy_checksum"] == pytest.approx(rank1["policy_checksum"], rel=1e-9)  # DDP kept replicas equal
     assert rank0["reference_checksum"] == pytest.approx(rank1["reference_checksum"], rel=1e-9)

@@ -54,7 +54,7 @@ class DynamicSamplingResult:
     rounds: int  # generation rounds, the first included
     informative_per_round: tuple[int, ...]  # informative groups generated in each round
     selection: GroupSelection  # which group fills each slot, and which slots are masked
-    seconds_refilling: float  # wall time of the extra rounds and the merge
+    seconds_refilling: float  # wall time of the extra rounds and the merge (the slowest process's)
 
     @property
     def groups_dropped(self) -> int:
@@ -189,7 +189,7 @@ class ProRLTrainer(ExtGRPOTrainer):
             rounds=len(rounds),
             informative_per_round=tuple(int(f.sum()) for f in informative),
             selection=selection,
-            seconds_refilling=time.perf_counter() - started,
+            seconds_refilling=self._slowest_process(time.perf_counter() - started),
         )
         self.last_dynamic_sampling = result
         self._note_rollout(rollout)
@@ -201,6 +201,13 @@ class ProRLTrainer(ExtGRPOTrainer):
         self.log_metric("informative_fraction", result.informative_per_round[0] / slots)
         self.log_metric("refill_seconds", result.seconds_refilling)
         return inputs, rollout
+
+    def _slowest_process(self, seconds: float) -> float:
+        """The longest of the processes' wall times (every process waits for it), so the logged value is the same on
+        every process. Collective: every process calls it once per rollout."""
+        if self.accelerator.num_processes == 1:
+            return seconds
+        return self.accelerator.gather(torch.tensor([seconds], device=self.accelerator.device)).max().item()
 
     def _informative(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         return informative_groups(
