@@ -79,7 +79,8 @@ torch.save(
         "batches": trainer.batches,
         "resets": trainer.reference_reset.history,
         "kl": [entry["kl"] for entry in trainer.state.log_history if "kl" in entry],
-        "prorl_logs": [{k: v for k, v in entry.items() if k.startswith("prorl/")} for entry in trainer.state.log_history],
+        "prorl_logs": [{k: v for k, v in entry.items() if k.startswith("prorl/")}
+                       for entry in trainer.state.log_history],
         "policy_checksum": checksum(trainer.model.parameters()),
         "reference_checksum": checksum(trainer.ref_model.parameters()),
     },
