@@ -77,6 +77,21 @@ def cpu_config(config_cls, output_dir, **overrides):
     return config_cls(**settings)
 
 
+def steps_run_by(trainer) -> list[int]:
+    """Attach a callback to `trainer` and return the list it fills with the global step after each optimizer step
+    of this run: a resumed run lists only the steps it ran itself (a fresh one would start at 1)."""
+    from transformers import TrainerCallback
+
+    steps: list[int] = []
+
+    class StepsRun(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    trainer.add_callback(StepsRun())
+    return steps
+
+
 DISTRIBUTED_SCRIPTS = Path(__file__).parent / "distributed"
 
 

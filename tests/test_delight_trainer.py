@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GatedGNDPOConfig, GatedGNDPOTrainer, cpu_config
+from conftest import GatedGNDPOConfig, GatedGNDPOTrainer, cpu_config, steps_run_by
 from trl_ext import DelightConfig, DelightTrainer, GNDPOConfig, GNDPOTrainer, demo
 from trl_ext.delight import KondoGateMixin, delight_weights
 
@@ -123,8 +123,21 @@ def test_gate_rules_train_and_log(tmp_path, student_path, arithmetic_dataset, ru
     assert counters["completions"] == 3 * 16 and 0 < counters["completions_kept"] < counters["completions"]
 
 
-def test_stochastic_weights_and_plain_pg_with_gate(tmp_path, student_path, arithmetic_dataset):
+def test_stochastic_weights_and_plain_pg_with_gate(tmp_path, student_path, arithmetic_dataset, monkeypatch):
+    from trl_ext.delight import trainer as delight_trainer
+
+    drawn = []
+
+    def recording(*args, **kwargs):
+        weights = delight_weights(*args, **kwargs)
+        drawn.append(weights.detach().clone())
+        return weights
+
+    monkeypatch.setattr(delight_trainer, "delight_weights", recording)
     make_trainer(tmp_path / "s", student_path, arithmetic_dataset, delight_stochastic=True).train()
+    values = torch.cat([w.flatten() for w in drawn])
+    assert drawn and set(values.unique().tolist()) == {0.0, 1.0}  # Bernoulli draws, both outcomes seen
+    monkeypatch.undo()
     trainer = make_trainer(tmp_path / "pg", student_path, arithmetic_dataset, delight_weighting=False,
                            gate="threshold")
     trainer.train()
@@ -198,8 +211,9 @@ def test_resume_without_the_gate_from_a_plain_grpo_checkpoint(tmp_path, student_
                 args=cpu_config(GRPOConfig, tmp_path, save_strategy="steps", save_steps=2)).train()
     checkpoint = str(tmp_path / "checkpoint-2")
     resumed = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=3)
+    steps = steps_run_by(resumed)
     resumed.train(resume_from_checkpoint=checkpoint)
-    assert resumed.state.global_step == 3
+    assert steps == [3] and resumed.state.global_step == 3  # resumed after step 2: one step run
     gated = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=3, gate="threshold")
     with pytest.raises(FileNotFoundError, match="kondo_gate"):
         gated.train(resume_from_checkpoint=checkpoint)
@@ -222,10 +236,11 @@ def test_gate_composes_with_gndpo(tmp_path, student_path, teacher_path, arithmet
         ({"gate": "price", "gate_eta": 0.0}, "gate_eta"),
         ({"gate": "pass_rate", "gate_pass_rate": 0.0}, "gate_pass_rate"),
         ({"gate": "pass_rate", "gate_pass_rate": 1.5}, "gate_pass_rate"),
-        ({"gate_history_size": 0}, "gate_history_size"),
+        # With the rule that uses each field, so that the range check (not the "has no effect" one) must fire.
+        ({"gate": "pass_rate", "gate_history_size": 0}, "`gate_history_size` must be >= 1, got 0"),
         ({"gate_surprisal": "sampler"}, "use_vllm"),
         ({"gate": "threshold", "loss_type": "grpo"}, "loss_type='grpo'"),
-        ({"gate_normalizer": "tokens"}, "gate_normalizer"),
+        ({"gate": "threshold", "gate_normalizer": "tokens"}, "Unknown `gate_normalizer='tokens'`"),
         ({"delight_eta": 0.0}, "delight_eta"),
         ({"delight_eta": -1.0}, "delight_eta"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),

@@ -57,10 +57,11 @@ def test_sharded_teacher_state_is_saved_whole_and_restored_into_each_shard(tmp_p
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank1["saved"] is None  # only the writing rank keeps the gathered copy
     assert rank0["local_rows"] == [3, 3, 1, 1]  # really sharded: each rank held half of every parameter's rows
-    for saved, expected in zip(rank0["saved"], rank0["expected"]):
+    assert rank0["saved"]
+    for saved, expected in zip(rank0["saved"], rank0["expected"], strict=True):
         assert torch.equal(saved, expected)
     for rank in (rank0, rank1):
-        for restored, expected in zip(rank["restored"], rank0["expected"]):
+        for restored, expected in zip(rank["restored"], rank0["expected"], strict=True):
             assert torch.equal(restored, expected)
         # The reference reset's copy of the module's parameters.
         for target in ("sharded", "plain"):

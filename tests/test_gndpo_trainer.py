@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from conftest import cpu_config, four_bit_config, is_quantized
+from conftest import cpu_config, four_bit_config, is_quantized, steps_run_by
 from trl_ext import GNDPOConfig, GNDPOTrainer, demo
 
 
@@ -137,13 +137,25 @@ def test_student_old_logps_come_from_trl_when_it_computed_them(tmp_path, student
 
 def test_completions_table_shows_the_advantages_the_loss_uses(tmp_path, student_path, teacher_path,
                                                              arithmetic_dataset):
+    # With the reward advantage mixed in, the loss's advantages differ from the distillation ones alone.
+    args = cpu_config(GNDPOConfig, tmp_path, max_steps=1, log_completions=True, reward_advantage_weight=2.0)
     trainer = GNDPOTrainer(model=student_path, reward_funcs=[demo.task_reward], train_dataset=arithmetic_dataset,
-                           args=cpu_config(GNDPOConfig, tmp_path, max_steps=1, log_completions=True),
-                           teacher_model=teacher_path)
+                           args=args, teacher_model=teacher_path)
+    rollouts = []
+    original = trainer._postprocess_rollout
+
+    def spy(inputs, rollout):
+        rollout = original(inputs, rollout)
+        rollouts.append({k: v.clone() for k, v in rollout.items() if isinstance(v, torch.Tensor)})
+        return rollout
+
+    trainer._postprocess_rollout = spy
     trainer.train()
-    advantages = trainer.last_advantages.advantages
-    mask = (advantages != 0).float()  # zero outside the loss mask; a valid token at exactly 0 is vanishingly rare
-    expected = (advantages * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    (rollout,) = rollouts
+    mask = rollout["completion_mask"].float()
+    expected = (rollout["advantages"] * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    distillation_only = (trainer.last_advantages.advantages * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    assert not torch.allclose(expected, distillation_only)  # the reward term moved them
     logged = torch.tensor(list(trainer._logs["advantages"]))
     torch.testing.assert_close(logged, expected)
 
@@ -178,8 +190,13 @@ def test_teacher_from_config_and_instance(tmp_path, student_path, teacher_path, 
     args = cpu_config(GNDPOConfig, tmp_path, teacher_model_name_or_path=teacher_path,
                       teacher_model_init_kwargs='{"dtype": "float32"}')
     assert args.teacher_model_init_kwargs == {"dtype": "float32"}  # JSON strings parse like TRL's dict fields
-    GNDPOTrainer(model=student_path, args=args, train_dataset=arithmetic_dataset).train()
+    from_config = GNDPOTrainer(model=student_path, args=args, train_dataset=arithmetic_dataset)
+    from_config.train()
     instance = AutoModelForCausalLM.from_pretrained(teacher_path)
+    assert from_config.teacher_name == teacher_path and not from_config.teacher_model.training
+    loaded = dict(from_config.teacher_model.named_parameters())
+    for name, param in instance.named_parameters():  # the teacher at that path, in float32, untouched by training
+        assert loaded[name].dtype == torch.float32 and torch.equal(loaded[name].detach(), param.detach()), name
     trainer = GNDPOTrainer(model=student_path, args=cpu_config(GNDPOConfig, tmp_path / "i"),
                            train_dataset=arithmetic_dataset, teacher_model=instance)
     trainer.train()
@@ -201,7 +218,7 @@ def test_lora(tmp_path, student_path, teacher_path, arithmetic_dataset):
 
 
 def test_qlora_4bit(tmp_path, student_path, teacher_path, arithmetic_dataset):
-    pytest.importorskip("bitsandbytes")  # in the `test` extra; QLoRA runs on CPU with bitsandbytes >= 0.45
+    import bitsandbytes  # noqa: F401  (in the `test` extra: missing, the test must fail, not skip)
     trainer = GNDPOTrainer(
         model=student_path, args=cpu_config(GNDPOConfig, tmp_path), train_dataset=arithmetic_dataset,
         teacher_model=teacher_path,
@@ -248,6 +265,7 @@ def test_reward_advantage_weight_mixes_grpo_advantage(tmp_path, student_path, te
     trainer._postprocess_rollout = spy
     trainer.train()
     mask = trainer.last_advantages.advantages.ne(0).float()  # valid tokens (whitened scores are never exactly 0)
+    assert captured["reward_advantages"].abs().sum() > 0  # else the mix would be checked against nothing
     expected = trainer.last_advantages.advantages + 2.0 * captured["reward_advantages"].unsqueeze(1) * mask
     torch.testing.assert_close(captured["advantages"], expected)
 
@@ -387,8 +405,9 @@ def test_checkpoint_writes_card_and_resumes(tmp_path, student_path, teacher_path
     resumed_args = cpu_config(GNDPOConfig, tmp_path, save_strategy="no", max_steps=3)
     resumed = GNDPOTrainer(model=student_path, args=resumed_args, train_dataset=arithmetic_dataset,
                            teacher_model=teacher_path)
+    steps = steps_run_by(resumed)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed.state.global_step == 3
+    assert steps == [3] and resumed.state.global_step == 3  # resumed after step 2: one step run
     assert "gndpo/reverse_kl" in resumed.state.log_history[-2]
 
 

@@ -284,6 +284,14 @@ def test_ratchet_keeps_drained_information_from_raising_the_step_again():
     # the cap; until then m_k <= 0.7 / 1.0, although I_k came back to 1.0 and 1.4.
     assert [ratchet.multiplier(i) for i in information[:4]] == pytest.approx([1.0, 0.4, 0.7, 0.7])
     assert ratchet.state_dict()["trough_mean"] == ratchet.state_dict()["peak_mean"] == pytest.approx(1.125)
+    assert ratchet.multiplier(information[4]) == pytest.approx(1.0)
+    # A state saved in the trough (after 3 steps: peak 1.0, trough 0.7) restores the cap; a fresh controller's first
+    # step would be 1.0.
+    saved = StepSizeController(0.01, 2.0, beta=0.5, reference="peak", ratchet=True)
+    [saved.multiplier(i) for i in information[:3]]
     restored = StepSizeController(0.01, 2.0, beta=0.5, reference="peak", ratchet=True)
-    restored.load_state_dict(ratchet.state_dict())
-    assert restored.multiplier(information[4]) == ratchet.multiplier(information[4]) == pytest.approx(1.0)
+    restored.load_state_dict(saved.state_dict())
+    assert restored.state_dict() == saved.state_dict()
+    assert restored.multiplier(1.4) == saved.multiplier(1.4) == pytest.approx(0.7)
+    fresh = StepSizeController(0.01, 2.0, beta=0.5, reference="peak", ratchet=True)
+    assert fresh.multiplier(1.4) == pytest.approx(1.0)

@@ -425,6 +425,7 @@ def test_hybrid_loss_and_evaluation(tmp_path, student_path, arithmetic_dataset):
     # The completions table keeps one self-teacher advantage per row through evaluations: the evaluations' rows
     # (steps 2 and 4) have none, since no loss scores them; step 3's training rows are filled after the first one.
     tables = {step: pd.read_parquet(tmp_path / "completions" / f"completions_{step:05d}.parquet") for step in (2, 3)}
+    assert len(tables[2]) == len(tables[3]) == 8  # isna().all() would hold for an empty table
     assert tables[2][TEACHER_ADVANTAGE_COLUMN].isna().all()
     assert tables[3][TEACHER_ADVANTAGE_COLUMN].notna().all()
 

@@ -321,10 +321,13 @@ def test_grpo_config_is_rejected(tmp_path, student_path, teacher_path, arithmeti
         ({"similarity_neighbors": 0}, "similarity_neighbors"),
         ({"router_ngram_order": 6}, "router_ngram_order"),
         ({"router_min_examples": 0}, "router_min_examples"),
-        ({"plackett_luce_gamma": 1.0}, "plackett_luce_gamma"),
+        # With the method that uses each field, so that the range check (not the "has no effect" one) must fire.
+        ({"purification": "plackett_luce", "plackett_luce_gamma": 1.0}, "`plackett_luce_gamma` must be > 1, got 1.0"),
+        ({"purification": "plackett_luce", "plackett_luce_gamma": 0.0}, "`plackett_luce_gamma` must be > 0, got 0.0"),
         ({"purification": "none", "router_features": "teacher_hidden"}, "reads no prompt features"),
-        ({"rl_learning_rate": 0.0}, "rl_learning_rate"),
-        ({"rl_evidence_prior": float("nan")}, "rl_evidence_prior"),
+        ({"purification": "rl_selection", "rl_learning_rate": 0.0}, "`rl_learning_rate` must be > 0, got 0.0"),
+        ({"purification": "rl_selection", "rl_evidence_prior": float("nan")},
+         "`rl_evidence_prior=nan` must be a finite number"),
         ({"purification": "rl_selection", "rl_signal_in_state": False}, "rl_evidence_prior=30.0"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
         # Another method's knobs would be silently ignored.

@@ -5,6 +5,7 @@ it is in the `test` extra.
 Each test also runs on a CUDA GPU where there is one (bf16 compute, and ProRL's reset with a paged 8-bit optimizer,
 whose GPU buffers the reset must release); the CUDA cases skip on CPU-only machines such as CI."""
 
+import bitsandbytes  # noqa: F401  (in the `test` extra: missing, these tests must fail, not skip)
 import pytest
 import torch
 from peft import LoraConfig
@@ -13,8 +14,6 @@ from conftest import cpu_config, four_bit_config, is_quantized
 from trl_ext import (DelightConfig, DelightTrainer, PGPOConfig, PGPOTrainer, PurifiedDistillConfig,
                      PurifiedDistillTrainer, demo)
 from trl_ext.prorl import ProRLConfig, ProRLTrainer
-
-pytest.importorskip("bitsandbytes")
 
 
 
