@@ -77,6 +77,21 @@ def cpu_config(config_cls, output_dir, **overrides):
     return config_cls(**settings)
 
 
+def postprocessed_rollouts(trainer) -> list[dict]:
+    """Spy on `trainer`'s post-rollout hook: returns the list it fills with a copy of each rollout's tensors as the
+    hook (the trainer's own and its mixins') leaves them, i.e. as TRL's loss will get them."""
+    rollouts: list[dict] = []
+    original = trainer._postprocess_rollout
+
+    def spy(inputs, rollout):
+        rollout = original(inputs, rollout)
+        rollouts.append({k: v.clone() for k, v in rollout.items() if isinstance(v, torch.Tensor)})
+        return rollout
+
+    trainer._postprocess_rollout = spy
+    return rollouts
+
+
 def steps_run_by(trainer) -> list[int]:
     """Attach a callback to `trainer` and return the list it fills with the global step after each optimizer step
     of this run: a resumed run lists only the steps it ran itself (a fresh one would start at 1)."""

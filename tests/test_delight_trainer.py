@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GatedGNDPOConfig, GatedGNDPOTrainer, cpu_config, steps_run_by
+from conftest import GatedGNDPOConfig, GatedGNDPOTrainer, cpu_config, postprocessed_rollouts, steps_run_by
 from trl_ext import DelightConfig, DelightTrainer, GNDPOConfig, GNDPOTrainer, demo
 from trl_ext.delight import KondoGateMixin, delight_weights
 
@@ -77,16 +77,9 @@ def test_gate_skips_compute_and_keeps_the_gradient(tmp_path, student_path, arith
     completions' terms removed (normalized by all valid tokens, as in the paper)."""
     trainer = make_trainer(tmp_path, student_path, arithmetic_dataset, max_steps=1, gate="threshold",
                            gate_price=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=4)
-    captured = {}
-    original = trainer._postprocess_rollout
-
-    def spy(inputs, rollout):
-        out = original(inputs, rollout)
-        captured.update({k: v.clone() for k, v in out.items() if isinstance(v, torch.Tensor)})
-        return out
-
-    trainer._postprocess_rollout = spy
+    rollouts = postprocessed_rollouts(trainer)
     chunks = first_buffer(trainer)
+    captured = rollouts[-1]
     keep = captured["kondo_keep"]
     assert 0 < keep.sum() < keep.numel()  # the gate passed some completions and skipped others
 

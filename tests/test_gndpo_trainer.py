@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from conftest import cpu_config, four_bit_config, is_quantized, steps_run_by
+from conftest import cpu_config, four_bit_config, is_quantized, postprocessed_rollouts, steps_run_by
 from trl_ext import GNDPOConfig, GNDPOTrainer, demo
 
 
@@ -141,15 +141,7 @@ def test_completions_table_shows_the_advantages_the_loss_uses(tmp_path, student_
     args = cpu_config(GNDPOConfig, tmp_path, max_steps=1, log_completions=True, reward_advantage_weight=2.0)
     trainer = GNDPOTrainer(model=student_path, reward_funcs=[demo.task_reward], train_dataset=arithmetic_dataset,
                            args=args, teacher_model=teacher_path)
-    rollouts = []
-    original = trainer._postprocess_rollout
-
-    def spy(inputs, rollout):
-        rollout = original(inputs, rollout)
-        rollouts.append({k: v.clone() for k, v in rollout.items() if isinstance(v, torch.Tensor)})
-        return rollout
-
-    trainer._postprocess_rollout = spy
+    rollouts = postprocessed_rollouts(trainer)
     trainer.train()
     (rollout,) = rollouts
     mask = rollout["completion_mask"].float()
