@@ -169,7 +169,7 @@ class ProRLTrainer(ExtGRPOTrainer):
                 self._note_rollout(rollout)
             return inputs, rollout
 
-        first = Round(*super()._generate_rollout(inputs), self.rollout_rewards, self.rollout_completion_ids)
+        first = self._generate_round(inputs)
         if self.args.dynamic_sampling == "refill":
             check_mergeable(first.rollout)  # at the first step, not at the first refill that moves a group
         rounds = [first]
@@ -179,8 +179,7 @@ class ProRLTrainer(ExtGRPOTrainer):
         if self.args.dynamic_sampling == "refill":
             # Every process holds the same gathered rewards, hence the same count: all run the same rounds.
             while informative_needed(informative) > 0 and len(rounds) < self.args.dynamic_sampling_max_rounds:
-                rounds.append(Round(*super()._generate_rollout(self._refill_inputs(len(inputs))),
-                                    self.rollout_rewards, self.rollout_completion_ids))
+                rounds.append(self._generate_round(self._refill_inputs(len(inputs))))
                 informative.append(self._informative(rounds[-1].rewards))
                 tables.append(_compat.completion_log_tail(self, rounds[-1].rewards.size(0)))
         selection = select_groups(informative)
@@ -201,6 +200,11 @@ class ProRLTrainer(ExtGRPOTrainer):
         self.log_metric("informative_fraction", result.informative_per_round[0] / slots)
         self.log_metric("refill_seconds", result.seconds_refilling)
         return inputs, rollout
+
+    def _generate_round(self, inputs: list[dict[str, Any]]) -> Round:
+        """One generation round through TRL, with the rewards and completion ids it left on the trainer."""
+        inputs, rollout = super()._generate_rollout(inputs)
+        return Round(inputs, rollout, self.rollout_rewards, self.rollout_completion_ids)
 
     def _slowest_process(self, seconds: float) -> float:
         """The longest of the processes' wall times (every process waits for it), so the logged value is the same on
@@ -246,10 +250,9 @@ class ProRLTrainer(ExtGRPOTrainer):
                 0, rows.to(rounds[0].rewards.device))
             # Rows are numbered round by round, process by process, as the gathered objects are ordered.
             local = rows[process].tolist()
-            all_inputs = [row for r in rounds for row in _compat.gather_object(r.inputs)]
-            all_ids = [ids for r in rounds for ids in _compat.gather_object(r.completion_ids)]
-            inputs = [all_inputs[i] for i in local]
-            self._rollout_completion_ids = [all_ids[i] for i in local]
+            everyone = [pair for r in rounds for pair in _compat.gather_object(list(zip(r.inputs, r.completion_ids)))]
+            inputs = [everyone[i][0] for i in local]
+            self._rollout_completion_ids = [everyone[i][1] for i in local]
             _compat.replace_completion_log_tail(self, take_table_rows(tables, rows))
         num_items = rounds[0].rollout["num_items_in_batch"]
         rollout = mask_rows(rollout, keep[process])
