@@ -50,13 +50,20 @@ def launch(backend: str, example: str, output_dir: Path, *args: str) -> subproce
 def accelerate_launch(backend: str, script: Path, *args: str) -> subprocess.CompletedProcess:
     if backend.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed")
-    command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(ROOT / "examples" / "accelerate_configs" / f"{backend}.yaml"),
-               "--num_processes", str(torch.cuda.device_count()), "--main_process_port", str(free_port()),
-               str(script), *args]
     path = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    # free_port() releases the port before the launcher binds it; under pytest-xdist another launch (or an outgoing
+    # connection's ephemeral port) can take it in between. The launcher then fails at its rendezvous, before any
+    # training, and the launch is retried on a fresh port.
+    for _ in range(3):
+        command = [sys.executable, "-m", "accelerate.commands.launch",
+                   "--config_file", str(ROOT / "examples" / "accelerate_configs" / f"{backend}.yaml"),
+                   "--num_processes", str(torch.cuda.device_count()), "--main_process_port", str(free_port()),
+                   str(script), *args]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        if result.returncode == 0 or "EADDRINUSE" not in result.stderr:
+            return result
+    return result
 
 
 def succeeded(result: subprocess.CompletedProcess) -> None:
