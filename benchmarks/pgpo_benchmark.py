@@ -104,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run")
+    p.add_argument("--replot", type=str, default=None, metavar="JSON",
+                   help="redraw the PNG beside a saved report from its JSON, without training")
     p.add_argument("--out-dir", type=str, default=str(REPO_ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.quick:
@@ -352,6 +354,11 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        report_path = Path(args.replot)
+        plot(json.loads(report_path.read_text()), report_path.with_suffix(".png"))
+        print(f"wrote {report_path.with_suffix('.png')}")
+        return
     quiet()
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)

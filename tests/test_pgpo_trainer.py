@@ -318,8 +318,12 @@ def test_initial_and_live_teachers(tmp_path, student_path, arithmetic_dataset):
     frozen = make(tmp_path / "initial", student_path, arithmetic_dataset, max_steps=2, peft_config=LORA,
                   teacher_model_kind="initial")
     initial = [t.detach().clone() for t, _ in frozen.self_teacher.adapter_pairs]
+    student_before = [s.detach().clone() for _, s in frozen.self_teacher.adapter_pairs]
     frozen.train()
-    assert all(torch.equal(t, t0) for (t, _), t0 in zip(frozen.self_teacher.adapter_pairs, initial))
+    # The student's adapter moved (else the frozen teacher's staying put would prove nothing); the teacher's did not.
+    assert any(not torch.equal(s, s0) for (_, s), s0 in zip(frozen.self_teacher.adapter_pairs, student_before,
+                                                             strict=True))
+    assert all(torch.equal(t, t0) for (t, _), t0 in zip(frozen.self_teacher.adapter_pairs, initial, strict=True))
     live = make(tmp_path / "live", student_path, arithmetic_dataset, max_steps=2, teacher_model_kind="live")
     live.train()
     assert live.self_teacher.copy is None and "self_teacher" not in live._stateful_components
