@@ -250,7 +250,8 @@ class ProRLTrainer(ExtGRPOTrainer):
                 0, rows.to(rounds[0].rewards.device))
             # Rows are numbered round by round, process by process, as the gathered objects are ordered.
             local = rows[process].tolist()
-            everyone = [pair for r in rounds for pair in _compat.gather_object(list(zip(r.inputs, r.completion_ids)))]
+            local_pairs = [list(zip(r.inputs, r.completion_ids, strict=True)) for r in rounds]
+            everyone = [pair for pairs in local_pairs for pair in _compat.gather_object(pairs)]
             inputs = [everyone[i][0] for i in local]
             self._rollout_completion_ids = [everyone[i][1] for i in local]
             _compat.replace_completion_log_tail(self, take_table_rows(tables, rows))
