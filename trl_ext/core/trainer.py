@@ -1,6 +1,7 @@
 """The shared base of every trl_ext trainer: GRPOTrainer plus three hooks.
 
-    TRL rollout (generation, rewards, group advantages)
+    _generate_rollout(inputs)                    TRL rollout (generation, rewards, group advantages); ProRL
+                                                 overrides it to assemble its batch from refill rounds
       -> _postprocess_rollout(inputs, rollout)   once per generation batch, every process, whole groups
       -> TRL shuffle + micro-batching
       -> _prepare_loss_inputs(inputs)            once per micro-batch
