@@ -141,10 +141,16 @@ def test_refill_stops_at_the_cap_and_masks_what_is_left(tmp_path, student_path, 
     trainer = make(tmp_path, student_path, arithmetic_dataset, reward=constant_reward, max_steps=1,
                    dynamic_sampling="refill", dynamic_sampling_max_rounds=3)
     seen = capture_rollouts(trainer)
+    tables = capture_completion_tables(trainer)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     ((rollout, result),) = seen
     assert result.rounds == 3
+    # The batch kept is the first round's (nothing moved): the completions table shows it, not the last round's.
+    (table,) = tables
+    table_answers = [sum(map(int, re.search(r"(\d+)\+(\d+)=", str(p)).groups())) for p in table["prompt"]]
+    assert table_answers == answers_of(trainer, rollout["prompt_ids"])
+    assert table["advantages"] == rollout["advantages"].tolist()
     assert rollout["completion_mask"].sum() == 0 and rollout["num_items_in_batch"].item() == 0
     logs = trainer.state.log_history[0]
     assert logs["prorl/refill_rounds"] == 2 and logs["prorl/groups_masked"] == 2 and logs["prorl/groups_dropped"] == 6

@@ -241,6 +241,9 @@ class ProRLTrainer(ExtGRPOTrainer):
         if selection.is_identity:  # no group moved: mask in place, no communication
             inputs, rollout = rounds[0].inputs, rounds[0].rollout
             self._rollout_rewards, self._rollout_completion_ids = rounds[0].rewards, rounds[0].completion_ids
+            if len(rounds) > 1:  # refill rounds that found nothing logged their rows last: log the first round's
+                first_rows = torch.arange(rounds[0].rewards.size(0))
+                _compat.replace_completion_log_tail(self, take_table_rows(tables, first_rows))
         else:
             pad_id = self.model.generation_config.pad_token_id  # TRL mirrors the tokenizer's pad id here
             everything = concat_rows([gather_rows(r.rollout, self.accelerator, pad_id) for r in rounds], pad_id)
