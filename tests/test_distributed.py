@@ -31,18 +31,24 @@ def test_two_ranks_share_global_mean_and_std(tmp_path, student_path, teacher_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps_per_generation", [4, 2])  # 2: two rollouts per optimizer window of 4 micro-steps
-def test_gate_with_different_survivors_per_rank_stays_in_step(tmp_path, steps_per_generation):
+# steps_per_generation 2: two rollouts per optimizer window of 4 micro-steps; "survivors": the loss normalizer counts
+# the kept tokens of both ranks.
+@pytest.mark.parametrize("steps_per_generation, normalizer", [(4, "all_tokens"), (2, "all_tokens"), (4, "survivors")])
+def test_gate_with_different_survivors_per_rank_stays_in_step(tmp_path, steps_per_generation, normalizer):
     from trl_ext import demo
 
     demo.student_path("reversal")  # build the model once, before the two ranks start
     # A hang would hit the timeout and fail.
-    torchrun("delight_two_ranks.py", str(tmp_path), str(steps_per_generation))
+    torchrun("delight_two_ranks.py", str(tmp_path), str(steps_per_generation), normalizer)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0["world_size"] == 2
     assert len(rank0["kept"]) == len(rank1["kept"]) == 4 * 4 // steps_per_generation  # 4 optimizer steps
     assert rank0["kept"] != rank1["kept"]  # the ranks really had different numbers of survivors
     assert rank0["history"] == rank1["history"]  # the price history is identical on every rank
+    for (kept0, normalizer0), (kept1, normalizer1) in zip(rank0["tokens"], rank1["tokens"], strict=True):
+        assert normalizer0 == normalizer1  # one global count
+        if normalizer == "survivors":
+            assert normalizer0 == kept0 + kept1
     assert rank0["counters"]["micro_batches_skipped"] == rank1["counters"]["micro_batches_skipped"] > 0
     for name, value in rank0["parameters"].items():
         assert torch.equal(value, rank1["parameters"][name]), name

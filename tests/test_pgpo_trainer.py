@@ -1,6 +1,7 @@
 """PGPOTrainer end to end: SDPO's loss by hand, the teacher's contexts, the step-size multiplier on the learning rate,
 EMA teachers (full copy and LoRA adapter), checkpoints, errors."""
 
+import dataclasses
 import re
 
 import pandas as pd
@@ -10,10 +11,18 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig
 
-from conftest import cpu_config
+from conftest import cpu_config, postprocessed_rollouts
 from trl_ext import PGPOConfig, PGPOTrainer, demo
+from trl_ext.delight import KondoGateArguments, KondoGateMixin
 from trl_ext.pgpo.divergences import clipped_importance_weights
-from trl_ext.pgpo.trainer import HAS_CONTEXT, ROW, TEACHER_ADVANTAGE_COLUMN, TEACHER_PROMPT_IDS, TEACHER_PROMPT_MASK
+from trl_ext.pgpo.trainer import (
+    HAS_CONTEXT,
+    NUM_DISTILLATION_TOKENS,
+    ROW,
+    TEACHER_ADVANTAGE_COLUMN,
+    TEACHER_PROMPT_IDS,
+    TEACHER_PROMPT_MASK,
+)
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 
@@ -575,3 +584,49 @@ def test_model_card_settings_table_survives_multiline_templates(tmp_path, studen
     reprompt = "`{prompt}{solution}{feedback}\\n\\nCorrectly solve the original question.`"
     assert f"| `reprompt_template` | {reprompt} |" in table
     assert "| `feedback_template` | `` \\nFeedback \\| from `tests`:\\n\\n{feedback_raw}\\n\\n `` |" in table
+
+
+# ----- the Kondo gate mixed in --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GatedPGPOConfig(KondoGateArguments, PGPOConfig):
+    pass
+
+
+class GatedPGPOTrainer(KondoGateMixin, PGPOTrainer):
+    pass
+
+
+def gated(tmp_path, model, dataset, **overrides):
+    args = cpu_config(GatedPGPOConfig, tmp_path, distillation_topk=8, **overrides)
+    return GatedPGPOTrainer(model=model, reward_funcs=[demo.task_reward], args=args, train_dataset=dataset)
+
+
+@pytest.mark.parametrize("normalizer", ["all_tokens", "survivors"])
+def test_the_gate_normalizes_the_self_distillation_by_the_tokens_it_keeps(tmp_path, self_teacher_path,
+                                                                          arithmetic_dataset, normalizer):
+    # PGPO's loss divides by its own count (distillation tokens), not by TRL's num_items_in_batch: the 'survivors'
+    # normalizer has to recount it too (it used to change only TRL's, so PGPO's loss ignored the setting).
+    trainer = gated(tmp_path, self_teacher_path, demo.with_feedback(arithmetic_dataset), max_steps=1,
+                    gate="pass_rate", gate_pass_rate=0.5, gate_normalizer=normalizer)
+    rollouts = postprocessed_rollouts(trainer)
+    trainer.train()
+    (rollout,) = rollouts
+    keep, mask = rollout["kondo_keep"], rollout["completion_mask"]
+    with_context = mask * rollout[HAS_CONTEXT].unsqueeze(1)
+    counted = keep.unsqueeze(1) if normalizer == "survivors" else torch.ones_like(mask)
+    assert 0 < keep.sum() < keep.numel() and (with_context * ~keep.unsqueeze(1)).sum() > 0  # both counts differ
+    assert rollout[NUM_DISTILLATION_TOKENS].item() == (with_context * counted).sum().item()
+    assert rollout["num_items_in_batch"].item() == (mask * counted).sum().item()
+
+
+def test_a_window_the_gate_skips_entirely_still_sets_the_step_size(tmp_path, self_teacher_path, arithmetic_dataset):
+    # PGPO sets each step's learning rate at the step's last micro-batch; with nothing passing the gate on one
+    # process, every micro-batch used to be skipped, so steps ran at the unmodulated rate and the step statistics
+    # carried over into the next step.
+    trainer = gated(tmp_path, self_teacher_path, demo.with_feedback(arithmetic_dataset), max_steps=2,
+                    gate="threshold", gate_price=1e9, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    trainer.train()
+    assert trainer.gate_counters["completions_kept"] == 0
+    assert trainer.gate_counters["micro_batches_skipped"] == 2  # of 4: one (empty) micro-batch per window ran
+    steps = [entry for entry in trainer.state.log_history if "pgpo/multiplier" in entry]
+    assert len(steps) == 2 and all(entry["pgpo/distillation_tokens"] == 0 for entry in steps)

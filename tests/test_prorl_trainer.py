@@ -424,6 +424,21 @@ def test_kondo_gate_skips_rows_that_dynamic_sampling_masked(tmp_path, student_pa
     assert logs and all(e["delight/nonfinite_delights"] == 0 for e in logs)
 
 
+def test_a_window_the_gate_skips_entirely_still_closes_the_step(tmp_path, student_path, mostly_even_dataset):
+    # ProRL logs each step's entropy and KL (and hands the KL share to the reset) at the step's last micro-batch;
+    # with nothing passing the gate on one process every micro-batch used to be skipped, and those went unlogged.
+    args = cpu_config(GatedProRLConfig, tmp_path, max_steps=2, dynamic_sampling="none", gate="threshold",
+                      gate_price=1e9, loss_type="dapo", beta=0.1, gradient_accumulation_steps=2,
+                      per_device_train_batch_size=4)
+    trainer = GatedProRLTrainer(model=student_path, reward_funcs=[parity_reward], args=args,
+                                train_dataset=mostly_even_dataset)
+    trainer.train()
+    assert trainer.gate_counters["completions_kept"] == 0
+    assert trainer.gate_counters["micro_batches_skipped"] == 2  # of 4: one (empty) micro-batch per window ran
+    steps = [entry for entry in trainer.state.log_history if "prorl/kl_share" in entry]
+    assert len(steps) == 2 and all(entry["prorl/entropy"] is None for entry in steps)  # no kept token: no value
+
+
 def test_kl_share_scale_spans_every_rollout_of_the_step(tmp_path, student_path, mostly_even_dataset):
     # With steps_per_generation < gradient_accumulation_steps an optimizer step trains on two rollouts; the KL
     # share's advantage scale is over both (it was the latest rollout's alone).

@@ -109,6 +109,10 @@ class ExtGRPOTrainer(GRPOTrainer):
 
     _metric_prefix = "ext"
     _card_template: str | None = None  # file name in model_cards/
+    # True when the loss finishes per-optimizer-step work at the step's last micro-batch (PGPO sets the step's
+    # learning rate there, ProRL logs its step signals): a component that skips micro-batches (the Kondo gate) must
+    # still run that one.
+    loss_closes_each_step = False
 
     def __init__(self, *args, **kwargs):
         self._rollout_rewards: torch.Tensor | None = None
@@ -135,6 +139,12 @@ class ExtGRPOTrainer(GRPOTrainer):
     def _prepare_loss_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Change one micro-batch just before TRL's loss (default: unchanged)."""
         return inputs
+
+    def _loss_normalizers(self, rollout: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The generation batch's global token counts that the loss divides by (rollout keys), each with the (B,)
+        tokens every row of this process adds to it. A component that takes rows out of the loss (the Kondo gate's
+        'survivors' normalizer) recounts every one of them. Default: TRL's `num_items_in_batch`."""
+        return {"num_items_in_batch": self.loss_mask(rollout).sum(-1)}
 
     # ----- TRL overrides (all call super) --------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

@@ -257,8 +257,7 @@ class KondoGateMixin:
         keep = keep_all[rank * local:(rank + 1) * local].to(mask.device)
         rollout["kondo_keep"] = keep
         if self.args.gate_normalizer == "survivors":
-            kept_tokens = (mask * keep.unsqueeze(1)).sum()
-            rollout["num_items_in_batch"] = self.accelerator.gather(kept_tokens).sum()
+            self._count_survivor_tokens(rollout, keep)
 
         finite = torch.isfinite(all_chi)
         moments = masked_moments(all_chi, finite)
@@ -271,6 +270,14 @@ class KondoGateMixin:
         self.gate_counters["completions"] += keep_all.numel()
         self.gate_counters["completions_kept"] += int(keep_all.sum())
         return rollout
+
+    def _count_survivor_tokens(self, rollout: dict[str, Any], keep: torch.Tensor) -> None:
+        """'survivors': every token count the trainer's loss divides by counts only the completions that passed
+        (GRPO's `num_items_in_batch`, and e.g. PGPO's distillation tokens). One all-reduce for all of them."""
+        counts = self._loss_normalizers(rollout)
+        kept = torch.stack([(tokens * keep).sum() for tokens in counts.values()]).to(torch.float64)
+        for key, total in zip(counts, self.reduce_sum(kept), strict=True):
+            rollout[key] = total.round().to(dtype=rollout[key].dtype, device=rollout[key].device)
 
     # ----- buffer: pack survivors --------------------------------------------------------------------------------
     def _prepare_inputs(self, generation_batch):
@@ -302,8 +309,10 @@ class KondoGateMixin:
         # Every rank runs the same number of forward/backward passes: as many as the busiest rank needs.
         compute = max(chunks_needed(n, self.args.per_device_train_batch_size) for n in all_survivors)
         multi_process = self.accelerator.num_processes > 1
-        if compute == 0 and multi_process:
-            compute = 1  # the window's last micro-step synchronizes gradients across ranks: keep one forward
+        if compute == 0 and (multi_process or self.loss_closes_each_step):
+            # Keep one forward: the window's last micro-step synchronizes gradients across ranks, and a trainer's
+            # loss may finish per-step work there (PGPO's step size, ProRL's step signals).
+            compute = 1
         # TRL's loss gathers per-row metrics, which needs the same row count on every rank at each micro-step.
         width = max(-(-n // compute) for n in all_survivors) if compute and multi_process else None
         packed = []

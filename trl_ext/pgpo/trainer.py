@@ -95,6 +95,7 @@ class PGPOTrainer(ExtGRPOTrainer):
     }
     _metric_prefix = "pgpo"
     _card_template = "pgpo.md"
+    loss_closes_each_step = True  # the step's learning rate is set at its last micro-batch (DeepSpeed steps there)
 
     def __init__(
         self,
@@ -202,7 +203,7 @@ class PGPOTrainer(ExtGRPOTrainer):
         has_context = assignment.usable[start:start + len(inputs)].to(device)
         rollout[HAS_CONTEXT] = has_context.float()
         rollout[SUCCEEDED] = assignment.has_success[start:start + len(inputs)].to(device).float()
-        tokens = (self.loss_mask(rollout) * has_context.unsqueeze(1)).sum().double()
+        tokens = self._distillation_tokens_per_row(rollout).sum().double()
         rollout[NUM_DISTILLATION_TOKENS] = self.reduce_sum(tokens.reshape(1)).reshape(())
         self._add_teacher_advantage_column(rollout, start, len(all_completions))
 
@@ -210,6 +211,15 @@ class PGPOTrainer(ExtGRPOTrainer):
         self.log_metric("solution_fraction", (assignment.demonstration >= 0).float().mean())
         self.log_metric("feedback_fraction", assignment.use_feedback.float().mean())
         return rollout
+
+    def _distillation_tokens_per_row(self, rollout: dict[str, Any]) -> torch.Tensor:
+        """(B,) loss tokens of each completion that has a teacher context: what the self-distillation loss averages."""
+        return (self.loss_mask(rollout) * rollout[HAS_CONTEXT].unsqueeze(1)).sum(-1)
+
+    def _loss_normalizers(self, rollout: dict[str, Any]) -> dict[str, torch.Tensor]:
+        counts = super()._loss_normalizers(rollout)
+        counts[NUM_DISTILLATION_TOKENS] = self._distillation_tokens_per_row(rollout)
+        return counts
 
     # ----- the completions table: the self-teacher's advantage of each completion ---------------------------------
     def _add_teacher_advantage_column(self, rollout: dict[str, Any], start: int, rows: int) -> None:

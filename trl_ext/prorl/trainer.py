@@ -98,6 +98,7 @@ class ProRLTrainer(ExtGRPOTrainer):
     _metric_prefix = "prorl"
     _card_template = "prorl.md"
     reports_kl_share = True  # feeds ReferenceResetCallback.observe_kl_share every optimizer step
+    loss_closes_each_step = True  # the step's KL, entropy and KL share are logged at its last micro-batch
 
     def __init__(
         self,
