@@ -70,13 +70,14 @@ def table_cell(value) -> str:
 
 
 def final_metrics(log_history: list[dict], prefixes: tuple[str, ...]) -> dict[str, float]:
-    """The last logged value of every metric whose name starts with one of `prefixes`."""
+    """The last logged value of every metric whose name starts with one of `prefixes`, sorted by name (a resumed run
+    reloads its log history with sorted keys: the card lists the same rows either way)."""
     metrics: dict[str, float] = {}
     for entry in log_history:
         for key, value in entry.items():
             if key.startswith(prefixes) and isinstance(value, int | float):
                 metrics[key] = value
-    return metrics
+    return dict(sorted(metrics.items()))
 
 
 def metric_prefixes(trainer) -> tuple[str, ...]:
