@@ -301,6 +301,32 @@ def test_purifications_need_a_reward(tmp_path, student_path, teacher_path, arith
                                train_dataset=arithmetic_dataset, teacher_models=[teacher_path, teacher_path])
 
 
+class ToolOnlyEnvironment:
+    """An environment with a tool and no `get_reward`: no reward source."""
+
+    def reset(self, **kwargs):
+        return None
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: first
+            b: second
+        """
+        return a + b
+
+
+def test_an_environment_without_get_reward_is_no_reward(tmp_path, student_path, teacher_path, arithmetic_dataset):
+    # It used to count as a reward source: the trainer then ran on the zero placeholder reward, and every signal was
+    # undefined, so the purification asked for silently did nothing.
+    with pytest.raises(ValueError, match="no environment defines `get_reward`"):
+        PurifiedDistillTrainer(model=student_path, args=cpu_config(PurifiedDistillConfig, tmp_path,
+                                                                   purification="aggregation"),
+                               train_dataset=arithmetic_dataset, teacher_models=[teacher_path, teacher_path],
+                               environment_factory=ToolOnlyEnvironment)
+
+
 def test_grpo_config_is_rejected(tmp_path, student_path, teacher_path, arithmetic_dataset):
     from trl import GRPOConfig
 

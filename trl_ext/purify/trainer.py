@@ -26,6 +26,7 @@ from ..core import (
     ExtGRPOTrainer,
     check_teacher_vocabulary,
     distillation_reward_funcs,
+    environments_own_reward,
     load_teacher,
     prepare_teacher,
 )
@@ -134,12 +135,15 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
                  for index, teacher in enumerate(teachers)}
         check_teacher_vocabulary(model, named, trust_remote_code=args.trust_remote_code,
                                  student_tokenizer=processing_class)
-        has_reward = reward_funcs is not None or environment_factory is not None
+        # An environment is a reward source only through its get_reward (None: a factory function, which TRL checks).
+        has_reward = reward_funcs is not None or (
+            environment_factory is not None and environments_own_reward(environment_factory) is not False)
         if args.purification in NEEDS_REWARD and not has_reward:
             raise ValueError(
                 f"purification={args.purification!r} tells which teacher is right on a prompt from the verifiable "
-                "reward of the student's completions, but no `reward_funcs` were given. Pass reward functions, or use "
-                "purification='none' (the plain average of the teachers), which needs none."
+                "reward of the student's completions, but no `reward_funcs` were given (and no environment defines "
+                "`get_reward`). Pass reward functions, or use purification='none' (the plain average of the "
+                "teachers), which needs none."
             )
         if len(teachers) == 1 and args.purification != "none":
             logger.warning(
