@@ -231,7 +231,6 @@ def test_gate_composes_with_gndpo(tmp_path, student_path, teacher_path, arithmet
         ({"gate": "pass_rate", "gate_pass_rate": 1.5}, "gate_pass_rate"),
         # With the rule that uses each field, so that the range check (not the "has no effect" one) must fire.
         ({"gate": "pass_rate", "gate_history_size": 0}, "`gate_history_size` must be >= 1, got 0"),
-        ({"gate_surprisal": "sampler"}, "use_vllm"),
         ({"gate": "threshold", "loss_type": "grpo"}, "loss_type='grpo'"),
         ({"gate": "threshold", "gate_normalizer": "tokens"}, "Unknown `gate_normalizer='tokens'`"),
         ({"delight_eta": 0.0}, "delight_eta"),
@@ -242,6 +241,42 @@ def test_gate_composes_with_gndpo(tmp_path, student_path, teacher_path, arithmet
 def test_bad_config_fails_at_construction(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         cpu_config(DelightConfig, tmp_path, **overrides)
+
+
+def test_sampler_surprisal_without_a_sampler_fails_before_loading_weights(tmp_path, arithmetic_dataset):
+    missing = str(tmp_path / "no-model")  # nothing is loaded before the check
+    args = cpu_config(DelightConfig, tmp_path, gate="threshold", gate_surprisal="sampler")
+    with pytest.raises(ValueError, match="use_vllm=False and no rollout_func was given"):
+        DelightTrainer(missing, [demo.task_reward], args, arithmetic_dataset)  # positional, as GRPOTrainer's
+    gated = cpu_config(GatedGNDPOConfig, tmp_path, gate="threshold", gate_surprisal="sampler", loss_type="dapo")
+    with pytest.raises(ValueError, match="use_vllm=False and no rollout_func was given"):
+        GatedGNDPOTrainer(model=missing, args=gated, train_dataset=arithmetic_dataset, teacher_model=missing)
+
+
+def test_sampler_surprisal_from_a_rollout_func(tmp_path, student_path, arithmetic_dataset):
+    # A rollout_func that returns its sampler's log-probs gives the gate its surprisal without vLLM.
+    sampled = []
+
+    def rollout_func(prompts, trainer):
+        tokenizer = trainer.processing_class
+        prompt_ids = [list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)["input_ids"])
+                      for p in prompts]
+        eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+        completion_ids = [tokenizer(str(i % 20), add_special_tokens=False)["input_ids"] + [eos]
+                          for i in range(len(prompts))]
+        logprobs = [[-0.1 * (i % 7 + 1)] * len(ids) for i, ids in enumerate(completion_ids)]
+        sampled.extend(logprobs)
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
+
+    args = cpu_config(DelightConfig, tmp_path, gate="threshold", gate_surprisal="sampler", max_steps=1)
+    trainer = DelightTrainer(model=student_path, reward_funcs=[demo.task_reward], args=args,
+                             train_dataset=arithmetic_dataset, rollout_func=rollout_func)
+    rollouts = postprocessed_rollouts(trainer)
+    trainer.train()
+    (rollout,) = rollouts
+    mask = rollout["completion_mask"].bool()
+    assert torch.equal(rollout["sampling_per_token_logps"][mask], torch.tensor([x for row in sampled for x in row]))
+    assert trainer.gate_counters["completions"] == len(sampled) == 8
 
 
 def test_sampler_surprisal_without_sampler_log_probs_names_the_fix():

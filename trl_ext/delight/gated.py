@@ -12,6 +12,7 @@ as few of them as possible. Micro-batches with no survivor on any rank skip the 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,8 @@ class KondoGateArguments:
         metadata={
             "help": "Where the gate's surprisal comes from: 'policy' (the policy's log-probs of its samples, from "
             "the no-grad scoring pass TRL or trl_ext already runs: a cheap forward screens, the expensive backward "
-            "is gated) or 'sampler' (the generator's log-probs; needs use_vllm=True).",
+            "is gated) or 'sampler' (the generator's log-probs; needs use_vllm=True or a rollout_func that returns "
+            "logprobs).",
             "choices": list(SURPRISAL_SOURCES),
         },
     )
@@ -100,11 +102,6 @@ class KondoGateArguments:
             raise ValueError(f"`gate_history_size` must be >= 1, got {self.gate_history_size}.")
         if self.gate_surprisal not in SURPRISAL_SOURCES:
             raise ValueError(f"Unknown `gate_surprisal={self.gate_surprisal!r}`; choose one of {SURPRISAL_SOURCES}.")
-        if self.gate_surprisal == "sampler" and not self.use_vllm:
-            raise ValueError(
-                "`gate_surprisal='sampler'` uses the generator's log-probs, which only vLLM returns; set "
-                "use_vllm=True or use gate_surprisal='policy'."
-            )
         if self.gate_normalizer not in NORMALIZERS:
             raise ValueError(f"Unknown `gate_normalizer={self.gate_normalizer!r}`; choose one of {NORMALIZERS}.")
         self._check_no_gate_setting_is_ignored()
@@ -198,6 +195,7 @@ class KondoGateMixin:
     """Put before an `ExtGRPOTrainer` subclass in the bases; its config must include `KondoGateArguments`."""
 
     def __init__(self, *args, **kwargs):
+        refuse_sampler_surprisal_without_a_sampler(type(self), args, kwargs)
         super().__init__(*args, **kwargs)
         args = self.args
         if not isinstance(args, KondoGateArguments):
@@ -345,6 +343,30 @@ class KondoGateMixin:
             # every trainable parameter so that the optimizer and gradient accumulation see a well-formed graph.
             return torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
         return super()._compute_loss(model, inputs)
+
+
+def refuse_sampler_surprisal_without_a_sampler(trainer_cls: type, args: tuple, kwargs: dict) -> None:
+    """Before any weights load: 'sampler' surprisal needs generator log-probs, from vLLM or a `rollout_func` (the
+    config alone cannot tell, since the rollout_func is a trainer argument)."""
+    # The arguments by name, as the first __init__ after the mixin that names them (not a bare *args, **kwargs) reads
+    # them: GRPOTrainer's, or a trl_ext trainer's that adds its own (teachers).
+    after_mixin = trainer_cls.__mro__[trainer_cls.__mro__.index(KondoGateMixin) + 1:]
+    for cls in after_mixin:
+        parameters = inspect.signature(cls.__init__).parameters
+        if "args" in parameters and parameters["args"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+    try:
+        given = inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments
+    except TypeError:
+        return  # the trainer's own __init__ reports bad arguments
+    config = given.get("args")
+    if getattr(config, "gate_surprisal", None) != "sampler" or config.use_vllm or given.get("rollout_func"):
+        return
+    raise ValueError(
+        "`gate_surprisal='sampler'` uses the generator's log-probs, which vLLM or a `rollout_func` returning "
+        "`logprobs` provides, but use_vllm=False and no rollout_func was given. Set use_vllm=True, pass such a "
+        "rollout_func, or use gate_surprisal='policy'."
+    )
 
 
 def skipped_fraction(counters: dict[str, int]) -> float:
