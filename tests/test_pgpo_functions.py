@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from trl_ext.pgpo.context import Templates, assign_contexts, reprompt_text, strip_thinking, teacher_prompt
+from trl_ext.pgpo.context import (
+    Templates,
+    assign_contexts,
+    demonstration_text,
+    reprompt_text,
+    strip_thinking,
+    teacher_prompt,
+)
 from trl_ext.pgpo.divergences import clipped_importance_weights, generalized_jsd, kl, shared_support, tail_log_mass
 from trl_ext.pgpo.information import (
     agreement_joint,
@@ -295,3 +302,18 @@ def test_ratchet_keeps_drained_information_from_raising_the_step_again():
     assert restored.multiplier(1.4) == saved.multiplier(1.4) == pytest.approx(0.7)
     fresh = StepSizeController(0.01, 2.0, beta=0.5, reference="peak", ratchet=True)
     assert fresh.multiplier(1.4) == pytest.approx(1.0)
+
+
+def test_a_tool_calling_demonstration_is_written_out_turn_by_turn():
+    # Single-turn completions (text, or one assistant message) are shown as decoded, as the official code does.
+    assert demonstration_text("12", "12") == "12"
+    assert demonstration_text([{"role": "assistant", "content": "12"}], "12") == "12"
+    # A tool-calling sibling as TRL parses it: decoding would run calls, results and role names together.
+    turns = [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": {"a": 3, "b": 9}}}]},
+        {"role": "tool", "name": "add", "content": "12"},
+        {"role": "assistant", "content": [{"type": "text", "text": "The answer is 12.<|im_end|>"}]},
+    ]
+    assert demonstration_text(turns, "<tool_call>...user\n<tool_response>12...", ("<|im_end|>",)) == (
+        'Tool call: add({"a": 3, "b": 9})\nTool result (add): 12\nThe answer is 12.')

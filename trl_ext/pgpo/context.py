@@ -12,6 +12,7 @@ The student's own completion is then scored after that prompt, so both score the
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -83,6 +84,38 @@ def assign_contexts(
 def strip_thinking(text: str) -> str:
     """Remove `<think>...</think>` blocks from a demonstration (the official `remove_thinking_from_demonstration`)."""
     return _THINKING.sub("", text).strip()
+
+
+def demonstration_text(completion, decoded: str, special_tokens: tuple[str, ...] = ()) -> str:
+    """The text of a successful sibling that the self-teacher is shown.
+
+    A single-turn completion is shown as its decoded text, special tokens removed (as the official code does). A
+    multi-turn tool-calling completion, as TRL parses it (assistant turns with tool calls, then tool results), is
+    written out turn by turn instead [I]: its decoded text would run the tool calls, the tool results and the chat
+    template's role names together into one block. The `special_tokens` strings are removed from its turns' text, as
+    decoding removes them (a parser can leave one in, and in the teacher's prompt it would be read as a token).
+    """
+    if not isinstance(completion, list) or not any(m.get("role") == "tool" or m.get("tool_calls") for m in completion):
+        return decoded
+    lines = []
+    for message in completion:
+        content = message.get("content")
+        if isinstance(content, list):  # typed content blocks: their text
+            content = "".join(block.get("text", "") for block in content if isinstance(block, dict))
+        for token in special_tokens:
+            content = (content or "").replace(token, "")
+        if message.get("role") == "tool":
+            name = f" ({message['name']})" if message.get("name") else ""
+            lines.append(f"Tool result{name}: {content or ''}")
+            continue
+        if content:
+            lines.append(str(content))
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call)
+            arguments = function.get("arguments")
+            arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
+            lines.append(f"Tool call: {function.get('name')}({arguments})")
+    return "\n".join(lines)
 
 
 def reprompt_text(question: str, solution: str | None, feedback: str | None, templates: Templates = Templates()) -> str:

@@ -24,7 +24,7 @@ from .. import _compat
 from ..core import ExtGRPOTrainer
 from ..core.trainer import image_columns, resolve_config
 from .config import PGPOConfig
-from .context import Templates, assign_contexts, strip_thinking, teacher_prompt
+from .context import Templates, assign_contexts, demonstration_text, strip_thinking, teacher_prompt
 from .divergences import clipped_importance_weights, generalized_jsd, shared_support, support_from_top_k
 from .information import (
     agreement_joint,
@@ -160,19 +160,28 @@ class PGPOTrainer(ExtGRPOTrainer):
         self._scheduled_learning_rates: list[float] | None = None
         self._modulated_learning_rates: list[float] | None = None
         self.last_contexts = None  # the latest generation batch's ContextAssignment (all processes), for inspection
+        self._parsed_completions: list = []  # this process's completions of the latest rollout, as TRL parsed them
         self.last_step_size: dict[str, float | None] | None = None  # the latest step's I_k and m_k
         self._eval_rollouts_logged = 0  # evaluation rollouts added to the completions table
         self._table_rollout: tuple[int, int] | None = None  # (eval rollouts logged by then, rows) of the train one
         self.add_callback(_StepCallback(self))
 
     # ----- the self-teacher's prompts (once per generation batch) ---------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL's parsed completions: a tool-calling sibling's turns, shown to the teacher turn by turn.
+        self._parsed_completions = completions
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
     def _postprocess_rollout(self, inputs: list[dict[str, Any]], rollout: dict[str, Any]) -> dict[str, Any]:
         args = self.args
         num_generations = self.num_generations if self._mode == "train" else self.num_generations_eval
         rewards = (self.rollout_rewards * self.reward_weights.to(self.rollout_rewards.device)).nansum(dim=1)
         # The text the reward judged: a completion cut at max_completion_length can be a success, and under
         # mask_truncated_completions its completion mask is all zero.
-        completions = self.processing_class.batch_decode(self.rollout_completion_ids, skip_special_tokens=True)
+        decoded = self.processing_class.batch_decode(self.rollout_completion_ids, skip_special_tokens=True)
+        special = tuple(self.processing_class.all_special_tokens)
+        completions = [demonstration_text(parsed, text, special)
+                       for parsed, text in zip(self._parsed_completions, decoded, strict=True)]
         feedback = [row.get(args.feedback_column) for row in inputs]
         all_completions, all_feedback = _compat.gather_object(completions), _compat.gather_object(feedback)
         assignment = assign_contexts(
