@@ -619,13 +619,28 @@ def test_the_gate_normalizes_the_self_distillation_by_the_tokens_it_keeps(tmp_pa
     assert rollout["num_items_in_batch"].item() == (mask * counted).sum().item()
 
 
-def test_a_window_the_gate_skips_entirely_still_sets_the_step_size(tmp_path, self_teacher_path, arithmetic_dataset):
+def test_a_window_the_gate_skips_entirely_still_sets_the_step_size(tmp_path, self_teacher_path, arithmetic_dataset,
+                                                                   monkeypatch):
     # PGPO sets each step's learning rate at the step's last micro-batch; with nothing passing the gate on one
     # process, every micro-batch used to be skipped, so steps ran at the unmodulated rate and the step statistics
     # carried over into the next step.
+    from trl_ext.pgpo import information
+    from trl_ext.pgpo import trainer as pgpo_trainer
+
+    counted = []
+
+    def recording(*args):
+        joint = information.verified_joint(*args)
+        counted.append(joint.sum().item())
+        return joint
+
+    monkeypatch.setattr(pgpo_trainer, "verified_joint", recording)
     trainer = gated(tmp_path, self_teacher_path, demo.with_feedback(arithmetic_dataset), max_steps=2,
                     gate="threshold", gate_price=1e9, gradient_accumulation_steps=2, per_device_train_batch_size=4)
     trainer.train()
+    # The micro-batch that runs is padding (copies of real rows with their masks zeroed): the "verified" estimator
+    # must not count those copies as completions (it did, as completions the teacher lowers).
+    assert counted == [0.0, 0.0]
     assert trainer.gate_counters["completions_kept"] == 0
     assert trainer.gate_counters["micro_batches_skipped"] == 2  # of 4: one (empty) micro-batch per window ran
     steps = [entry for entry in trainer.state.log_history if "pgpo/multiplier" in entry]

@@ -86,10 +86,11 @@ def mutual_information(joint: torch.Tensor) -> torch.Tensor:
     return torch.where(joint > 0, terms, torch.zeros_like(terms)).sum()
 
 
-def verified_joint(correction: torch.Tensor, success: torch.Tensor, has_context: torch.Tensor) -> torch.Tensor:
-    """2 x 2 counts over completions with a context: rows = failed / succeeded, columns = the teacher lowers / raises
-    the completion's log-likelihood (`correction` = sum over its tokens of log q - log p), float64."""
-    keep = has_context.bool()
+def verified_joint(correction: torch.Tensor, success: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """2 x 2 counts over the `counted` completions (those with a context and distillation tokens): rows = failed /
+    succeeded, columns = the teacher lowers / raises the completion's log-likelihood (`correction` = sum over its
+    tokens of log q - log p), float64."""
+    keep = counted.bool()
     raised = (correction.detach() > 0)[keep].long()
     succeeded = success.bool()[keep].long()
     return torch.bincount(succeeded * 2 + raised, minlength=4).double().view(2, 2)

@@ -245,16 +245,22 @@ class PGPOTrainer(ExtGRPOTrainer):
         self._table_rollout = (self._eval_rollouts_logged, rows)
 
     def _log_teacher_advantages(self, inputs: dict[str, Any], correction: torch.Tensor,
-                                token_mask: torch.Tensor) -> None:
+                                token_mask: torch.Tensor, measured: torch.Tensor) -> None:
         """Each completion's mean over its distillation tokens of log pi_teacher - log pi_student of the sampled
         token (SDPO's per-token advantage in its policy-gradient reading; 0 without a usable context), written into
-        the completions table. Collective: every process computes every micro-batch's loss."""
+        the completions table. Rows that are not `measured` (no distillation token) leave their cell alone: a
+        padding row of the Kondo gate is a copy of another row. Collective: every process computes every
+        micro-batch's loss."""
         advantage = correction / token_mask.sum(1).clamp(min=1.0)
-        rows = self.accelerator.gather(inputs[ROW]).tolist()
-        values = self.accelerator.gather(advantage.float()).tolist()
+        # A row without a context shows 0 (a padding copy of one writes the same 0); a row with a context but no
+        # token (masked as truncated, or a padding copy) is left empty.
+        written = (measured | ~inputs[HAS_CONTEXT].bool()).long()
+        rows, values, written = self.accelerator.gather((inputs[ROW], advantage.float(), written))
+        chosen = written.bool()
         evals_then, batch_rows = self._table_rollout
         if evals_then == self._eval_rollouts_logged:  # an evaluation since would have pushed the rows out
-            _compat.set_completion_log_values(self, TEACHER_ADVANTAGE_COLUMN, rows, values, batch_rows)
+            _compat.set_completion_log_values(self, TEACHER_ADVANTAGE_COLUMN, rows[chosen].tolist(),
+                                              values[chosen].tolist(), batch_rows)
 
     # ----- the loss (once per micro-batch) ----------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
@@ -303,10 +309,13 @@ class PGPOTrainer(ExtGRPOTrainer):
 
         if self._mode == "train":
             correction = ((teacher_sampled - sampled_logps.detach()) * token_mask).sum(1)
+            # Rows without distillation tokens measured nothing: a truncated completion under
+            # mask_truncated_completions, or a padding row the Kondo gate adds (a copy of a real row, mask zeroed).
+            measured = token_mask.sum(1) > 0
             if self.args.log_completions:
-                self._log_teacher_advantages(inputs, correction, token_mask)
+                self._log_teacher_advantages(inputs, correction, token_mask, measured)
             self._accumulate_step_statistics(support, divergence.detach(), token_mask, vocab_size=vocab_size,
-                                             verified=verified_joint(correction, inputs[SUCCEEDED], inputs[HAS_CONTEXT]))
+                                             verified=verified_joint(correction, inputs[SUCCEEDED], measured))
             if _compat.is_last_micro_batch(self):
                 self._modulate_step_size()
         return loss
