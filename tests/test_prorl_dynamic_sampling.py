@@ -14,6 +14,7 @@ from trl_ext.prorl.batch_rows import (
     take_table_rows,
 )
 from trl_ext.prorl.dynamic_sampling import (
+    groups_that_train,
     informative_groups,
     informative_needed,
     kept_rows,
@@ -188,3 +189,10 @@ def test_pad_to_width_leaves_vectors_alone():
 def test_unknown_rollout_entries_cannot_be_merged():
     with pytest.raises(NotImplementedError, match=r"pixel_values.*dynamic_sampling='filter'"):
         check_mergeable({**rollout(1, 1, 1), "pixel_values": torch.ones(1, 3)})
+
+
+def test_a_group_trains_when_any_of_its_rows_does():
+    rows = torch.tensor([False, False, False, True, False, False, False, False, True])
+    assert groups_that_train(rows, 3).tolist() == [False, True, True]
+    with pytest.raises(ValueError, match="groups of 4"):
+        groups_that_train(rows, 4)

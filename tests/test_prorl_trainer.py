@@ -160,6 +160,21 @@ def test_refill_stops_at_the_cap_and_masks_what_is_left(tmp_path, student_path, 
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
+def test_groups_without_loss_tokens_are_not_informative(tmp_path, student_path, mostly_even_dataset):
+    # mask_truncated_completions zeroes a truncated completion's mask; at one token every completion is cut, so the
+    # odd-answer groups' differing rewards carry no gradient: refill must not count them (it did, and stopped at
+    # once with a batch that trained on nothing), and looks on to its cap.
+    odd_answers = mostly_even_dataset.filter(lambda row: int(row["answer"]) % 2 == 1)  # every group's rewards differ
+    trainer = make(tmp_path, student_path, odd_answers, max_steps=1, dynamic_sampling="refill",
+                   dynamic_sampling_max_rounds=3, mask_truncated_completions=True, max_completion_length=1)
+    seen = capture_rollouts(trainer)
+    trainer.train()
+    ((rollout, result),) = seen
+    assert rollout["completion_mask"].sum() == 0  # the precondition: nothing in this batch could train
+    assert result.rounds == 3 and result.informative_per_round == (0, 0, 0) and result.selection.kept == 0
+    assert trainer.state.log_history[0]["prorl/informative_fraction"] == 0.0
+
+
 def test_filter_masks_uninformative_groups_and_renormalizes(tmp_path, student_path, mostly_even_dataset):
     trainer = make(tmp_path, student_path, mostly_even_dataset, max_steps=2, dynamic_sampling="filter", beta=0.0)
     seen = capture_rollouts(trainer)

@@ -63,6 +63,15 @@ def informative_groups(
     raise ValueError(f"Unknown multi_objective_aggregation {aggregation!r}; expected one of {AGGREGATIONS}.")
 
 
+def groups_that_train(row_trains: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """(num_groups,) bool: the groups with at least one row that trains (`row_trains`: (N,) bool over the whole
+    generation batch, a row with loss tokens and a nonzero advantage). Rewards that differ carry no gradient when
+    every row of the group is masked, e.g. truncated completions under `mask_truncated_completions`."""
+    if row_trains.dim() != 1 or num_generations < 1 or row_trains.numel() % num_generations:
+        raise ValueError(f"{tuple(row_trains.shape)} rows cannot be split into groups of {num_generations}")
+    return row_trains.view(-1, num_generations).any(dim=1)
+
+
 @dataclass(frozen=True)
 class GroupSelection:
     """Which generated group fills each group slot of the training batch.

@@ -36,6 +36,7 @@ from .batch_rows import check_mergeable, concat_rows, gather_rows, mask_rows, ta
 from .config import ProRLConfig
 from .dynamic_sampling import (
     GroupSelection,
+    groups_that_train,
     informative_groups,
     informative_needed,
     kept_rows,
@@ -174,14 +175,14 @@ class ProRLTrainer(ExtGRPOTrainer):
         if self.args.dynamic_sampling == "refill":
             check_mergeable(first.rollout)  # at the first step, not at the first refill that moves a group
         rounds = [first]
-        informative = [self._informative(first.rewards)]
+        informative = [self._informative(first)]
         tables = [_compat.completion_log_tail(self, first.rewards.size(0))]  # each round's rows of TRL's table
         started = time.perf_counter()
         if self.args.dynamic_sampling == "refill":
             # Every process holds the same gathered rewards, hence the same count: all run the same rounds.
             while informative_needed(informative) > 0 and len(rounds) < self.args.dynamic_sampling_max_rounds:
                 rounds.append(self._generate_round(self._refill_inputs(len(inputs))))
-                informative.append(self._informative(rounds[-1].rewards))
+                informative.append(self._informative(rounds[-1]))
                 tables.append(_compat.completion_log_tail(self, rounds[-1].rewards.size(0)))
         selection = select_groups(informative)
         inputs, rollout = self._assemble(rounds, tables, selection, len(inputs))
@@ -214,10 +215,16 @@ class ProRLTrainer(ExtGRPOTrainer):
             return seconds
         return self.accelerator.gather(torch.tensor([seconds], device=self.accelerator.device)).max().item()
 
-    def _informative(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        return informative_groups(
-            rewards_per_func, self.reward_weights, self.num_generations, self.multi_objective_aggregation
+    def _informative(self, generated: Round) -> torch.Tensor:
+        """The round's groups whose rewards differ and that have a row to train on. Collective (one gather)."""
+        by_reward = informative_groups(
+            generated.rewards, self.reward_weights, self.num_generations, self.multi_objective_aggregation
         ).cpu()
+        advantages = generated.rollout["advantages"]
+        moves = advantages != 0 if advantages.dim() == 1 else (advantages != 0).any(dim=-1)
+        row_trains = (self.loss_mask(generated.rollout).sum(dim=-1) > 0) & moves
+        all_rows = self.accelerator.gather(row_trains.long()).bool().cpu()
+        return by_reward & groups_that_train(all_rows, self.num_generations)
 
     def _refill_inputs(self, rows_per_process: int) -> list[dict[str, Any]]:
         """Fresh dataset rows for one more generation round, laid out like TRL's sampler (prompt repeated G times)."""
