@@ -433,8 +433,12 @@ def test_kondo_gate_skips_rows_that_dynamic_sampling_masked(tmp_path, student_pa
     trainer.train()
     masked = sum(int((rollout["completion_mask"].sum(1) == 0).sum()) for rollout, _ in seen)
     assert masked > 0  # filter-only masks the uninformative groups in place
-    # A masked row has no loss tokens: it gets no backward pass, however low the price, and no place in the history.
-    assert trainer.gate_counters["completions_kept"] == trainer.gate_counters["completions"] - masked
+    # A masked row has no loss tokens: it gets no backward pass, however low the price, and no place in the history
+    # or the gate's counts (at this price every other row passes: the pass rate is 1).
+    assert trainer.gate_counters["completions_kept"] == trainer.gate_counters["completions"] == 2 * 8 - masked
+    rates = [e["delight/pass_rate"] for e in trainer.state.log_history if "delight/pass_rate" in e]
+    assert 1.0 in rates and set(rates) <= {1.0, None}  # None: a step whose every group filter masked
+    assert all(e["delight/completions_skipped"] == 0 for e in trainer.state.log_history if "delight/pass_rate" in e)
     logs = [e for e in trainer.state.log_history if "delight/nonfinite_delights" in e]
     assert logs and all(e["delight/nonfinite_delights"] == 0 for e in logs)
 
