@@ -18,6 +18,7 @@ from trl_ext.delight import (
     take_rows,
     token_delight,
 )
+from trl_ext.delight.packing import survivor_chunk_sizes
 
 
 def sigmoid(x):
@@ -137,6 +138,12 @@ def test_price_gate_draws_are_reproducible_after_restore():
     restored = KondoGate("price", price=0.0, eta=1.0, pass_rate=1.0, history_size=8, seed=3)
     restored.load_state_dict(gate.state_dict())
     assert torch.equal(gate.decide(chi), restored.decide(chi))
+
+
+def test_survivor_chunk_sizes_are_the_packings():
+    assert survivor_chunk_sizes(5, 4, 2) == [0, 0, 3, 2]
+    assert survivor_chunk_sizes(1, 3, 2) == [0, 1, 0]  # a rank with fewer survivors than compute chunks
+    assert survivor_chunk_sizes(0, 2, 1) == [0, 0]
 
 
 def test_pack_survivors_fills_the_last_chunks():

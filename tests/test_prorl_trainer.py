@@ -456,6 +456,9 @@ def test_a_window_the_gate_skips_entirely_still_closes_the_step(tmp_path, studen
     assert trainer.gate_counters["micro_batches_skipped"] == 2  # of 4: one (empty) micro-batch per window ran
     steps = [entry for entry in trainer.state.log_history if "prorl/kl_share" in entry]
     assert len(steps) == 2 and all(entry["prorl/entropy"] is None for entry in steps)  # no kept token: no value
+    # TRL's own metrics of the empty micro-batch are no measurement either (they read 0.0).
+    assert all(entry["entropy"] is None and entry["kl"] is None and entry["clip_ratio/region_mean"] is None
+               for entry in steps)
 
 
 def test_kl_share_scale_spans_every_rollout_of_the_step(tmp_path, student_path, mostly_even_dataset):

@@ -13,6 +13,7 @@ as few of them as possible. Micro-batches with no survivor on any rank skip the 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +22,13 @@ import torch
 from .. import _compat
 from ..core.field_values import raise_for_bad_field_values
 from ..core.ignored_settings import raise_for_ignored_settings
+from ..core.model_card import metric_prefixes
 from ..core.rows import concat_rows, take_rows
 from ..core.stats import masked_moments
 from ..core.trainer import image_columns
 from .delight import sequence_delight, surprisal, token_delight
 from .gate import GATE_RULES, KondoGate
-from .packing import chunks_needed, pack_survivors
+from .packing import chunks_needed, pack_survivors, survivor_chunk_sizes
 
 SURPRISAL_SOURCES = ("policy", "sampler")
 NORMALIZERS = ("all_tokens", "survivors")
@@ -316,13 +318,19 @@ class KondoGateMixin:
             compute = 1
         # TRL's loss gathers per-row metrics, which needs the same row count on every rank at each micro-step.
         width = max(-(-n // compute) for n in all_survivors) if compute and multi_process else None
+        # The micro-steps in which no rank has a survivor: what runs there is padding everywhere.
+        sizes = [survivor_chunk_sizes(n, len(chunks), compute) for n in all_survivors]
+        empty_everywhere = [not any(rank[position] for rank in sizes) for position in range(len(chunks))]
         packed = []
         for position, index in enumerate(pack_survivors(keep, len(chunks), compute)):
             is_compute = position >= len(chunks) - compute
             if not is_compute and not self._gate_always_forward:
                 packed.append({"kondo_skip": torch.tensor(True)})
-            else:
-                packed.append(self._padded_micro_batch(rows, index, width if is_compute else 1))
+                continue
+            batch = self._padded_micro_batch(rows, index, width if is_compute else 1)
+            if empty_everywhere[position]:
+                batch["kondo_empty"] = torch.tensor(True)
+            packed.append(batch)
         return packed
 
     @staticmethod
@@ -345,7 +353,20 @@ class KondoGateMixin:
             # No rank has a survivor in this micro-step: no forward, no backward compute. The zero still touches
             # every trainable parameter so that the optimizer and gradient accumulation see a well-formed graph.
             return torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
-        return super()._compute_loss(model, inputs)
+        if "kondo_empty" not in inputs:
+            return super()._compute_loss(model, inputs)
+        # Padding on every rank (a window nothing passed, or a sharded model's forward-only micro-step): TRL's metrics
+        # of it (entropy, KL, clip ratios) would read as measured zeros. They become NaN, which TRL's log leaves out;
+        # the trainers' own metrics (their prefixes) are token-weighted or logged per step, and stay.
+        inputs = {key: value for key, value in inputs.items() if key != "kondo_empty"}
+        metrics = self._metrics[self._mode]
+        before = {key: len(values) for key, values in metrics.items()}
+        loss = super()._compute_loss(model, inputs)
+        own = metric_prefixes(self)
+        for key, values in metrics.items():
+            if not key.startswith(own):
+                values[before.get(key, 0):] = [math.nan] * (len(values) - before.get(key, 0))
+        return loss
 
 
 def refuse_sampler_surprisal_without_a_sampler(trainer_cls: type, args: tuple, kwargs: dict) -> None:

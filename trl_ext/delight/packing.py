@@ -30,3 +30,9 @@ def pack_survivors(keep: torch.Tensor, num_chunks: int, compute_chunks: int) -> 
         return [empty] * num_chunks
     parts = list(torch.tensor_split(survivors, compute_chunks))
     return [empty] * (num_chunks - compute_chunks) + parts
+
+
+def survivor_chunk_sizes(num_survivors: int, num_chunks: int, compute_chunks: int) -> list[int]:
+    """How many survivors each micro-batch gets from `pack_survivors` when a rank has `num_survivors` of them."""
+    keep = torch.ones(num_survivors, dtype=torch.bool)
+    return [chunk.numel() for chunk in pack_survivors(keep, num_chunks, compute_chunks)]

@@ -332,6 +332,7 @@ class Round:
 
 def token_weighted_mean(values: list[tuple[float, float]]) -> float:
     """Mean of per-micro-batch (value, loss tokens) pairs, weighted by tokens; NaN when no micro-batch had any."""
+    values = [(value, tokens) for value, tokens in values if tokens > 0]  # no token: no measurement (maybe NaN)
     total = sum(tokens for _, tokens in values)
     return sum(value * tokens for value, tokens in values) / total if total > 0 else math.nan
 
