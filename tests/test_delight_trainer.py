@@ -253,6 +253,21 @@ def test_sampler_surprisal_without_a_sampler_fails_before_loading_weights(tmp_pa
         GatedGNDPOTrainer(model=missing, args=gated, train_dataset=arithmetic_dataset, teacher_model=missing)
 
 
+def test_sampler_surprisal_sees_a_rollout_func_passed_through_a_subclass_kwargs(tmp_path, student_path,
+                                                                                 teacher_path, arithmetic_dataset):
+    class KeywordGNDPO(GNDPOTrainer):  # a user's subclass that forwards what it does not name
+        def __init__(self, model, args=None, **kwargs):
+            super().__init__(model, args=args, **kwargs)
+
+    class GatedKeywordGNDPO(KondoGateMixin, KeywordGNDPO):
+        pass
+
+    args = cpu_config(GatedGNDPOConfig, tmp_path, gate="threshold", gate_surprisal="sampler", loss_type="dapo")
+    trainer = GatedKeywordGNDPO(student_path, args=args, train_dataset=arithmetic_dataset, teacher_model=teacher_path,
+                                rollout_func=lambda prompts, trainer: None)
+    assert trainer.rollout_func is not None
+
+
 def test_sampler_surprisal_from_a_rollout_func(tmp_path, student_path, arithmetic_dataset):
     # A rollout_func that returns its sampler's log-probs gives the gate its surprisal without vLLM.
     sampled = []

@@ -317,3 +317,8 @@ def test_a_tool_calling_demonstration_is_written_out_turn_by_turn():
     ]
     assert demonstration_text(turns, "<tool_call>...user\n<tool_response>12...", ("<|im_end|>",)) == (
         'Tool call: add({"a": 3, "b": 9})\nTool result (add): 12\nThe answer is 12.')
+    # Reasoning a response parser moved out of the content comes back as a <think> block (strip_thinking decides).
+    turns[0]["reasoning_content"] = "I should add."
+    shown = demonstration_text(turns, "")
+    assert shown.startswith('<think>I should add.</think>\nTool call: add(')
+    assert strip_thinking(shown).startswith("Tool call: add(")

@@ -645,3 +645,13 @@ def test_a_window_the_gate_skips_entirely_still_sets_the_step_size(tmp_path, sel
     assert trainer.gate_counters["micro_batches_skipped"] == 2  # of 4: one (empty) micro-batch per window ran
     steps = [entry for entry in trainer.state.log_history if "pgpo/multiplier" in entry]
     assert len(steps) == 2 and all(entry["pgpo/distillation_tokens"] == 0 for entry in steps)
+
+
+def test_the_gates_padding_rows_leave_the_completions_table_alone(tmp_path, self_teacher_path, arithmetic_dataset):
+    # Nothing passes: the one micro-batch that runs holds a padding copy of a real row, which must not write that
+    # row's self_teacher_advantage cell (without feedback, rows without a context would get a 0 they never earned).
+    trainer = gated(tmp_path, self_teacher_path, arithmetic_dataset, max_steps=1, gate="threshold", gate_price=1e9,
+                    gradient_accumulation_steps=2, per_device_train_batch_size=4, log_completions=True)
+    trainer.train()
+    cells = list(trainer._logs["extra"][TEACHER_ADVANTAGE_COLUMN])
+    assert len(cells) == 8 and all(cell is None for cell in cells)

@@ -8,7 +8,8 @@ What we rely on (TRL 1.16):
   calls `super()` and post-processes the dict (the post-rollout hook). The keys we read or write are listed in `ROLLOUT_KEYS`.
 - `GRPOTrainer._calculate_rewards(inputs, prompts, completions, completion_ids_list) -> (N, F) tensor`
   gathered over processes: overridden (with `super()`) to keep the raw rewards and `completion_ids_list` (every
-  generated token, also of rows `mask_truncated_completions` hides) for the post-rollout hook.
+  generated token, also of rows `mask_truncated_completions` hides) for the post-rollout hook; PGPO also keeps
+  `completions` as TRL parsed them (tool-calling turns as chat messages in transformers' tool-use format).
 - `GRPOTrainer._compute_loss(model, inputs) -> loss`: overridden; `super()._compute_loss` gets modified inputs
   (the loss-inputs hook).
 - `GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,

@@ -2,7 +2,7 @@
 
 from .stats import MaskedMoments, accelerator_reduce_sum, local_reduce, masked_mean, masked_moments
 from .teachers import load_teacher, prepare_teacher
-from .trainer import ExtGRPOTrainer, distillation_reward_funcs, environments_own_reward, zero_reward
+from .trainer import ExtGRPOTrainer, distillation_reward_funcs, environments_give_reward, zero_reward
 from .vocabulary import check_teacher_vocabulary, vocab_size_of
 
 __all__ = [
@@ -11,7 +11,7 @@ __all__ = [
     "accelerator_reduce_sum",
     "check_teacher_vocabulary",
     "distillation_reward_funcs",
-    "environments_own_reward",
+    "environments_give_reward",
     "load_teacher",
     "local_reduce",
     "masked_mean",

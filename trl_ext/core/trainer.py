@@ -44,13 +44,19 @@ def environments_own_reward(environment_factory) -> bool | None:
     return any(inspect.isfunction(getattr(factory, "get_reward", None)) for factory in factories)
 
 
+def environments_give_reward(environment_factory) -> bool:
+    """Whether TRL takes a reward from the environments: their `get_reward` (a factory function counts, since only
+    calling it would tell and TRL checks it)."""
+    return environment_factory is not None and environments_own_reward(environment_factory) is not False
+
+
 def distillation_reward_funcs(reward_funcs, environment_factory, reward_advantage_weight: float):
     """The reward source of a distillation trainer: the user's, or `zero_reward` when it has none (GRPOTrainer
     needs one). Mixing the reward advantage in (`reward_advantage_weight`) needs a real reward."""
     if reward_funcs is not None:
         return reward_funcs
-    if environment_factory is not None and environments_own_reward(environment_factory) is not False:
-        return None  # the environments' get_reward is the reward (or, for a factory function, TRL checks it)
+    if environments_give_reward(environment_factory):
+        return None  # the environments' get_reward is the reward
     if reward_advantage_weight:
         raise ValueError(
             f"`reward_advantage_weight={reward_advantage_weight}` adds GRPO's reward advantage to the distillation "

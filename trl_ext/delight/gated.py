@@ -7,7 +7,9 @@
 After the trainer's own post-rollout processing, every completion of the generation batch gets a delight
 chi = mean_t(A_t * l_t) (A: the advantage the trainer feeds the loss, or `_gate_advantages`; l: surprisal), the gate
 decides on the gathered batch (identical on all ranks), and the micro-batches are re-packed so that survivors fill
-as few of them as possible. Micro-batches with no survivor on any rank skip the forward and backward pass.
+as few of them as possible. Micro-batches with no survivor on any rank skip the forward and backward pass, except the
+last of an accumulation window when it must run (several processes, or a trainer whose loss closes the step there):
+that one runs empty.
 """
 
 from __future__ import annotations
@@ -384,7 +386,8 @@ def refuse_sampler_surprisal_without_a_sampler(trainer_cls: type, args: tuple, k
     except TypeError:
         return  # the trainer's own __init__ reports bad arguments
     config = given.get("args")
-    if getattr(config, "gate_surprisal", None) != "sampler" or config.use_vllm or given.get("rollout_func"):
+    rollout_func = given.get("rollout_func") or kwargs.get("rollout_func")  # also through a subclass's **kwargs
+    if getattr(config, "gate_surprisal", None) != "sampler" or config.use_vllm or rollout_func is not None:
         return
     raise ValueError(
         "`gate_surprisal='sampler'` uses the generator's log-probs, which vLLM or a `rollout_func` returning "

@@ -92,30 +92,41 @@ def demonstration_text(completion, decoded: str, special_tokens: tuple[str, ...]
     A single-turn completion is shown as its decoded text, special tokens removed (as the official code does). A
     multi-turn tool-calling completion, as TRL parses it (assistant turns with tool calls, then tool results), is
     written out turn by turn instead [I]: its decoded text would run the tool calls, the tool results and the chat
-    template's role names together into one block. The `special_tokens` strings are removed from its turns' text, as
-    decoding removes them (a parser can leave one in, and in the teacher's prompt it would be read as a token).
+    template's role names together into one block. Reasoning a parser moved out of the content comes back as a
+    `<think>` block, so that `remove_thinking_from_demonstration` decides about it as for single-turn text.
     """
     if not isinstance(completion, list) or not any(m.get("role") == "tool" or m.get("tool_calls") for m in completion):
         return decoded
     lines = []
     for message in completion:
-        content = message.get("content")
-        if isinstance(content, list):  # typed content blocks: their text
-            content = "".join(block.get("text", "") for block in content if isinstance(block, dict))
-        for token in special_tokens:
-            content = (content or "").replace(token, "")
+        text = _message_text(message, special_tokens)
         if message.get("role") == "tool":
             name = f" ({message['name']})" if message.get("name") else ""
-            lines.append(f"Tool result{name}: {content or ''}")
+            lines.append(f"Tool result{name}: {text}")
             continue
-        if content:
-            lines.append(str(content))
-        for call in message.get("tool_calls") or []:
-            function = call.get("function", call)
-            arguments = function.get("arguments")
-            arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
-            lines.append(f"Tool call: {function.get('name')}({arguments})")
+        lines += [text] if text else []
+        lines += [_tool_call_text(call) for call in message.get("tool_calls") or []]
     return "\n".join(lines)
+
+
+def _message_text(message: dict, special_tokens: tuple[str, ...]) -> str:
+    """A chat message's text: its reasoning (as `<think>`) and content, typed content blocks flattened, the
+    tokenizer's special tokens removed (a parser can leave one in; in a prompt it would be read as a token)."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        content = "".join(block.get("text", "") for block in content if isinstance(block, dict))
+    reasoning = message.get("reasoning_content") or message.get("thinking")
+    text = f"<think>{reasoning}</think>{content}" if reasoning else str(content)
+    for token in special_tokens:
+        text = text.replace(token, "")
+    return text
+
+
+def _tool_call_text(call: dict) -> str:
+    function = call.get("function", call)
+    arguments = function.get("arguments")
+    arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return f"Tool call: {function.get('name')}({arguments})"
 
 
 def reprompt_text(question: str, solution: str | None, feedback: str | None, templates: Templates = Templates()) -> str:

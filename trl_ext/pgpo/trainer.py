@@ -245,16 +245,14 @@ class PGPOTrainer(ExtGRPOTrainer):
         self._table_rollout = (self._eval_rollouts_logged, rows)
 
     def _log_teacher_advantages(self, inputs: dict[str, Any], correction: torch.Tensor,
-                                token_mask: torch.Tensor, measured: torch.Tensor) -> None:
+                                token_mask: torch.Tensor) -> None:
         """Each completion's mean over its distillation tokens of log pi_teacher - log pi_student of the sampled
         token (SDPO's per-token advantage in its policy-gradient reading; 0 without a usable context), written into
-        the completions table. Rows that are not `measured` (no distillation token) leave their cell alone: a
-        padding row of the Kondo gate is a copy of another row. Collective: every process computes every
-        micro-batch's loss."""
+        the completions table. Only rows with loss tokens write their cell: a row without any (masked as truncated,
+        or a padding row of the Kondo gate, which copies another row) leaves it empty. Collective: every process
+        computes every micro-batch's loss."""
         advantage = correction / token_mask.sum(1).clamp(min=1.0)
-        # A row without a context shows 0 (a padding copy of one writes the same 0); a row with a context but no
-        # token (masked as truncated, or a padding copy) is left empty.
-        written = (measured | ~inputs[HAS_CONTEXT].bool()).long()
+        written = (self.loss_mask(inputs).sum(1) > 0).long()
         rows, values, written = self.accelerator.gather((inputs[ROW], advantage.float(), written))
         chosen = written.bool()
         evals_then, batch_rows = self._table_rollout
@@ -313,7 +311,7 @@ class PGPOTrainer(ExtGRPOTrainer):
             # mask_truncated_completions, or a padding row the Kondo gate adds (a copy of a real row, mask zeroed).
             measured = token_mask.sum(1) > 0
             if self.args.log_completions:
-                self._log_teacher_advantages(inputs, correction, token_mask, measured)
+                self._log_teacher_advantages(inputs, correction, token_mask)
             self._accumulate_step_statistics(support, divergence.detach(), token_mask, vocab_size=vocab_size,
                                              verified=verified_joint(correction, inputs[SUCCEEDED], measured))
             if _compat.is_last_micro_batch(self):

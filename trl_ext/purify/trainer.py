@@ -26,7 +26,7 @@ from ..core import (
     ExtGRPOTrainer,
     check_teacher_vocabulary,
     distillation_reward_funcs,
-    environments_own_reward,
+    environments_give_reward,
     load_teacher,
     prepare_teacher,
 )
@@ -135,9 +135,7 @@ class PurifiedDistillTrainer(ExtGRPOTrainer):
                  for index, teacher in enumerate(teachers)}
         check_teacher_vocabulary(model, named, trust_remote_code=args.trust_remote_code,
                                  student_tokenizer=processing_class)
-        # An environment is a reward source only through its get_reward (None: a factory function, which TRL checks).
-        has_reward = reward_funcs is not None or (
-            environment_factory is not None and environments_own_reward(environment_factory) is not False)
+        has_reward = reward_funcs is not None or environments_give_reward(environment_factory)
         if args.purification in NEEDS_REWARD and not has_reward:
             raise ValueError(
                 f"purification={args.purification!r} tells which teacher is right on a prompt from the verifiable "
