@@ -152,6 +152,20 @@ def test_completions_table_shows_the_advantages_the_loss_uses(tmp_path, student_
     torch.testing.assert_close(logged, expected)
 
 
+def test_completions_table_leaves_rows_without_loss_tokens_undefined(tmp_path, student_path, teacher_path,
+                                                                     arithmetic_dataset):
+    # At one token every completion is cut and masked as truncated: a mean over no tokens is no value (it read 0.0).
+    args = cpu_config(GNDPOConfig, tmp_path, max_steps=1, log_completions=True, max_completion_length=1,
+                      mask_truncated_completions=True)
+    trainer = GNDPOTrainer(model=student_path, train_dataset=arithmetic_dataset, args=args, teacher_model=teacher_path)
+    rollouts = postprocessed_rollouts(trainer)
+    trainer.train()
+    (rollout,) = rollouts
+    masked = (rollout["completion_mask"].sum(dim=1) == 0).tolist()
+    logged = torch.tensor(list(trainer._logs["advantages"]))
+    assert any(masked) and logged.isnan().tolist() == masked
+
+
 def test_reward_source_with_environments():
     from trl_ext.core.trainer import distillation_reward_funcs, environments_own_reward, zero_reward
 

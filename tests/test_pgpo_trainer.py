@@ -264,6 +264,12 @@ def test_a_truncated_success_is_shown_as_written_under_mask_truncated_completion
         assert f"Correct solution:\n\n{dataset_rows[source]['answer']}\n\n" in text
         shown += 1
     assert shown > 0
+    # The context shares are over the completions the loss trains on (the truncated ones get no loss).
+    trained = rollout["completion_mask"].sum(1) > 0
+    usable = trainer.last_contexts.usable
+    assert 0 < trained.sum() < trained.numel() and usable[trained].float().mean() != usable.float().mean()
+    logged = trainer.state.log_history[0]["pgpo/usable_context_fraction"]
+    assert logged == pytest.approx(usable[trained].float().mean().item())
 
 
 def test_completions_without_context_get_no_loss(tmp_path, student_path, arithmetic_dataset):

@@ -174,7 +174,9 @@ class ExtGRPOTrainer(GRPOTrainer):
             # advantages the loss uses, not TRL's reward advantage. The gather is collective; log_completions is the
             # same on every process.
             mask = self.loss_mask(rollout).to(advantages.dtype)
-            per_completion = (advantages * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+            tokens = mask.sum(dim=1)
+            per_completion = (advantages * mask).sum(dim=1) / tokens.clamp(min=1.0)
+            per_completion = per_completion.masked_fill(tokens == 0, float("nan"))  # no token: nothing to average
             _compat.replace_logged_advantages(self, self.accelerator.gather(per_completion).tolist())
         return rollout
 

@@ -216,9 +216,13 @@ class PGPOTrainer(ExtGRPOTrainer):
         rollout[NUM_DISTILLATION_TOKENS] = self.reduce_sum(tokens.reshape(1)).reshape(())
         self._add_teacher_advantage_column(rollout, start, len(all_completions))
 
-        self.log_metric("usable_context_fraction", assignment.usable.float().mean())
-        self.log_metric("solution_fraction", (assignment.demonstration >= 0).float().mean())
-        self.log_metric("feedback_fraction", assignment.use_feedback.float().mean())
+        # Shares of the completions the loss trains on (one with no loss token, e.g. masked as truncated, gets no
+        # self-distillation whatever its context).
+        trained = self.accelerator.gather((self.loss_mask(rollout).sum(-1) > 0).long()).bool().cpu()
+        for name, rows in (("usable_context_fraction", assignment.usable),
+                           ("solution_fraction", assignment.demonstration >= 0),
+                           ("feedback_fraction", assignment.use_feedback)):
+            self.log_metric(name, rows[trained].float().mean() if trained.any() else math.nan)
         return rollout
 
     def _distillation_tokens_per_row(self, rollout: dict[str, Any]) -> torch.Tensor:
