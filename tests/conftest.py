@@ -165,3 +165,19 @@ class GatedGNDPOConfig(KondoGateArguments, GNDPOConfig):
 
 class GatedGNDPOTrainer(KondoGateMixin, GNDPOTrainer):
     pass
+
+
+class ToolOnlyEnvironment:
+    """An `environment_factory` environment with one tool and no `get_reward`: no reward source."""
+
+    def reset(self, **kwargs):
+        return None
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: first
+            b: second
+        """
+        return a + b

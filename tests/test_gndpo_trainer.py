@@ -9,7 +9,14 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
-from conftest import cpu_config, four_bit_config, is_quantized, postprocessed_rollouts, steps_run_by
+from conftest import (
+    ToolOnlyEnvironment,
+    cpu_config,
+    four_bit_config,
+    is_quantized,
+    postprocessed_rollouts,
+    steps_run_by,
+)
 from trl_ext import GNDPOConfig, GNDPOTrainer, demo
 
 
@@ -83,20 +90,6 @@ def test_without_reward_functions(tmp_path, student_path, teacher_path, arithmet
     trainer.train()
     assert changed_parameters(before, trainer.model)
     assert "gndpo/reverse_kl" in trainer.state.log_history[0]
-
-
-class ToolOnlyEnvironment:
-    def reset(self, **kwargs):
-        return None
-
-    def add(self, a: int, b: int) -> int:
-        """Add two integers.
-
-        Args:
-            a: first
-            b: second
-        """
-        return a + b
 
 
 class RewardingEnvironment(ToolOnlyEnvironment):

@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import cpu_config
+from conftest import ToolOnlyEnvironment, cpu_config
 from trl_ext import demo
 from trl_ext.gndpo import gndpo_advantages
 from trl_ext.purify import PURIFICATIONS, PurifiedDistillConfig, PurifiedDistillTrainer
@@ -299,22 +299,6 @@ def test_purifications_need_a_reward(tmp_path, student_path, teacher_path, arith
         PurifiedDistillTrainer(model=student_path, args=cpu_config(PurifiedDistillConfig, tmp_path,
                                                                    purification=purification),
                                train_dataset=arithmetic_dataset, teacher_models=[teacher_path, teacher_path])
-
-
-class ToolOnlyEnvironment:
-    """An environment with a tool and no `get_reward`: no reward source."""
-
-    def reset(self, **kwargs):
-        return None
-
-    def add(self, a: int, b: int) -> int:
-        """Add two integers.
-
-        Args:
-            a: first
-            b: second
-        """
-        return a + b
 
 
 def test_an_environment_without_get_reward_is_no_reward(tmp_path, student_path, teacher_path, arithmetic_dataset):
