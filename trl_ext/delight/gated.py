@@ -264,11 +264,12 @@ class KondoGateMixin:
         finite = torch.isfinite(all_chi)
         moments = masked_moments(all_chi, finite)
         # Rates and counts are over the completions there was something to learn from (the gate's decisions).
-        decided = int(all_has_tokens.sum())
-        pass_rate = keep_all[all_has_tokens].float().mean().item() if decided else float("nan")
+        decided_rows = all_has_tokens.to(keep_all.device)  # the gate decides on CPU
+        decided = int(decided_rows.sum())
+        pass_rate = keep_all[decided_rows].float().mean().item() if decided else float("nan")
         self._metrics["train"]["delight/pass_rate"].append(pass_rate)
         self._metrics["train"]["delight/nonfinite_delights"].append(float((~finite & all_has_tokens).sum().item()))
-        self._metrics["train"]["delight/completions_skipped"].append(float((~keep_all & all_has_tokens).sum().item()))
+        self._metrics["train"]["delight/completions_skipped"].append(float((~keep_all & decided_rows).sum().item()))
         self._metrics["train"]["delight/price"].append(self.kondo_gate.last_price)
         self._metrics["train"]["delight/sequence_delight_mean"].append(moments.mean.item())
         self._metrics["train"]["delight/sequence_delight_std"].append(moments.std.item())
