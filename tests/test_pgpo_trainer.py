@@ -245,9 +245,21 @@ def test_teacher_prompts_show_a_successful_sibling_or_the_feedback(tmp_path, stu
     assert 0 < fractions[0] < 1
 
 
-def test_a_truncated_success_is_shown_as_written_under_mask_truncated_completions(tmp_path, self_teacher_path):
+def test_a_truncated_success_is_shown_as_written_under_mask_truncated_completions(tmp_path, self_teacher_path,
+                                                                                 monkeypatch):
     """With max_completion_length=2 every right two-digit answer is cut before its end token: TRL hides the row from
     the loss, but the reward judged its text, and that text is what the siblings' teacher must see."""
+    from trl_ext.pgpo import information
+    from trl_ext.pgpo import trainer as pgpo_trainer
+
+    counted = []
+
+    def recording(*args):
+        joint = information.verified_joint(*args)
+        counted.append(joint.sum().item())
+        return joint
+
+    monkeypatch.setattr(pgpo_trainer, "verified_joint", recording)
     rows = demo.get_task("arithmetic").dataset(400, seed=3)
     rows = rows.select([i for i, a in enumerate(rows["answer"]) if len(a) == 2][:32])
     trainer = make(tmp_path, self_teacher_path, rows, max_steps=1, max_completion_length=2,
@@ -270,6 +282,9 @@ def test_a_truncated_success_is_shown_as_written_under_mask_truncated_completion
     assert 0 < trained.sum() < trained.numel() and usable[trained].float().mean() != usable.float().mean()
     logged = trainer.state.log_history[0]["pgpo/usable_context_fraction"]
     assert logged == pytest.approx(usable[trained].float().mean().item())
+    # The 'verified' estimator counts only completions with distillation tokens (a truncated one measured nothing).
+    has_context = rollout[HAS_CONTEXT].bool()
+    assert sum(counted) == (has_context & trained).sum().item() < has_context.sum().item()
 
 
 def test_completions_without_context_get_no_loss(tmp_path, student_path, arithmetic_dataset):
