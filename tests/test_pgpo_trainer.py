@@ -55,6 +55,23 @@ def make(tmp_path, model, dataset, cls=RecordingPGPOTrainer, peft_config=None, e
                train_dataset=dataset, eval_dataset=eval_dataset, peft_config=peft_config)
 
 
+@pytest.fixture
+def verified_counts(monkeypatch) -> list[float]:
+    """The number of completions each micro-batch's 'verified' table counts, in call order."""
+    from trl_ext.pgpo import information
+    from trl_ext.pgpo import trainer as pgpo_trainer
+
+    counts: list[float] = []
+
+    def recording(*args):
+        joint = information.verified_joint(*args)
+        counts.append(joint.sum().item())
+        return joint
+
+    monkeypatch.setattr(pgpo_trainer, "verified_joint", recording)
+    return counts
+
+
 def parameters(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -246,20 +263,9 @@ def test_teacher_prompts_show_a_successful_sibling_or_the_feedback(tmp_path, stu
 
 
 def test_a_truncated_success_is_shown_as_written_under_mask_truncated_completions(tmp_path, self_teacher_path,
-                                                                                 monkeypatch):
+                                                                                 verified_counts):
     """With max_completion_length=2 every right two-digit answer is cut before its end token: TRL hides the row from
     the loss, but the reward judged its text, and that text is what the siblings' teacher must see."""
-    from trl_ext.pgpo import information
-    from trl_ext.pgpo import trainer as pgpo_trainer
-
-    counted = []
-
-    def recording(*args):
-        joint = information.verified_joint(*args)
-        counted.append(joint.sum().item())
-        return joint
-
-    monkeypatch.setattr(pgpo_trainer, "verified_joint", recording)
     rows = demo.get_task("arithmetic").dataset(400, seed=3)
     rows = rows.select([i for i, a in enumerate(rows["answer"]) if len(a) == 2][:32])
     trainer = make(tmp_path, self_teacher_path, rows, max_steps=1, max_completion_length=2,
@@ -284,7 +290,7 @@ def test_a_truncated_success_is_shown_as_written_under_mask_truncated_completion
     assert logged == pytest.approx(usable[trained].float().mean().item())
     # The 'verified' estimator counts only completions with distillation tokens (a truncated one measured nothing).
     has_context = rollout[HAS_CONTEXT].bool()
-    assert sum(counted) == (has_context & trained).sum().item() < has_context.sum().item()
+    assert sum(verified_counts) == (has_context & trained).sum().item() < has_context.sum().item()
 
 
 def test_completions_without_context_get_no_loss(tmp_path, student_path, arithmetic_dataset):
@@ -641,27 +647,16 @@ def test_the_gate_normalizes_the_self_distillation_by_the_tokens_it_keeps(tmp_pa
 
 
 def test_a_window_the_gate_skips_entirely_still_sets_the_step_size(tmp_path, self_teacher_path, arithmetic_dataset,
-                                                                   monkeypatch):
+                                                                   verified_counts):
     # PGPO sets each step's learning rate at the step's last micro-batch; with nothing passing the gate on one
     # process, every micro-batch used to be skipped, so steps ran at the unmodulated rate and the step statistics
     # carried over into the next step.
-    from trl_ext.pgpo import information
-    from trl_ext.pgpo import trainer as pgpo_trainer
-
-    counted = []
-
-    def recording(*args):
-        joint = information.verified_joint(*args)
-        counted.append(joint.sum().item())
-        return joint
-
-    monkeypatch.setattr(pgpo_trainer, "verified_joint", recording)
     trainer = gated(tmp_path, self_teacher_path, demo.with_feedback(arithmetic_dataset), max_steps=2,
                     gate="threshold", gate_price=1e9, gradient_accumulation_steps=2, per_device_train_batch_size=4)
     trainer.train()
     # The micro-batch that runs is padding (copies of real rows with their masks zeroed): the "verified" estimator
     # must not count those copies as completions (it did, as completions the teacher lowers).
-    assert counted == [0.0, 0.0]
+    assert verified_counts == [0.0, 0.0]
     assert trainer.gate_counters["completions_kept"] == 0
     assert trainer.gate_counters["micro_batches_skipped"] == 2  # of 4: one (empty) micro-batch per window ran
     steps = [entry for entry in trainer.state.log_history if "pgpo/multiplier" in entry]
