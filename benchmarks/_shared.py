@@ -39,7 +39,8 @@ def quiet() -> None:
 
 
 def versions() -> dict:
-    """Python and the installed versions of the stack (packages not installed are left out), plus trl_ext's."""
+    """Python and the installed versions of the stack (packages not installed are left out), trl_ext's, and what
+    makes the demo world on this machine what it is (`demo_world`)."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
@@ -51,7 +52,28 @@ def versions() -> dict:
     import trl_ext
 
     found["trl_ext"] = trl_ext.__version__
+    found["demo_world"] = demo_world()
     return found
+
+
+def demo_world() -> dict:
+    """The CPU kernels torch dispatches to and a fingerprint of each demo model in the cache.
+
+    The demo models are trained on this machine's CPU at first use, and their weights depend on its vector
+    instructions: the arithmetic self-teacher built with AVX2 kernels and with `ATEN_CPU_CAPABILITY=default` differs
+    by up to 0.47 in a weight, and a benchmark's results move with it. Two reports compare like for like only where
+    the fingerprints of the models they used agree (the recipe's name is in the key).
+    """
+    import hashlib
+
+    import torch
+
+    from trl_ext.demo import cache_root
+
+    models = {}
+    for weights in sorted(cache_root().glob("*/model.safetensors")):
+        models[weights.parent.name] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "models": models}
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -43,7 +43,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -61,7 +60,7 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._shared import quiet, round_floats, write_json  # noqa: E402
+from benchmarks._shared import quiet, round_floats, versions, write_json  # noqa: E402
 
 RESULT_NAME = "purify"
 # One thread: the demo models are tiny, and on a shared machine a spinning thread pool costs more than it gives.
@@ -696,8 +695,7 @@ def main(argv=None) -> int:
         "benchmark": "purify",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "environment": {**versions(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                         "load_average_1min_at_start": os.getloadavg()[0]},
         "config": {
             "steps": args.steps, "seeds": args.seed_list, "quick": args.quick,
