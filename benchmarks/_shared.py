@@ -59,10 +59,11 @@ def versions() -> dict:
 def demo_world() -> dict:
     """The CPU kernels torch dispatches to and a fingerprint of each demo model in the cache.
 
-    The demo models are trained on this machine's CPU at first use, and their weights depend on its vector
-    instructions: the arithmetic self-teacher built with AVX2 kernels and with `ATEN_CPU_CAPABILITY=default` differs
-    by up to 0.47 in a weight, and a benchmark's results move with it. Two reports compare like for like only where
-    the fingerprints of the models they used agree (the recipe's name is in the key).
+    The demo models are trained on the CPU at first use, and their weights depend on its vector instructions (the
+    arithmetic self-teacher built with AVX2 kernels and with `ATEN_CPU_CAPABILITY=default` differs by up to 0.47 in a
+    weight) and on the code that wrote the cache (keyed by the recipe, not the code); a benchmark's results move with
+    them. Two reports compare like for like only where the fingerprints of the models they used agree (the recipe's
+    name is in the key).
     """
     import hashlib
 
