@@ -61,9 +61,8 @@ def demo_world() -> dict:
 
     The demo models are trained on the CPU at first use, and their weights depend on its vector instructions (the
     arithmetic self-teacher built with AVX2 kernels and with `ATEN_CPU_CAPABILITY=default` differs by up to 0.47 in a
-    weight) and on the code that wrote the cache (keyed by the recipe, not the code); a benchmark's results move with
-    them. Two reports compare like for like only where the fingerprints of the models they used agree (the recipe's
-    name is in the key).
+    weight); a benchmark's results move with them. Two reports compare like for like only where the fingerprints of
+    the models they used agree (the recipe's name is in the key).
     """
     import hashlib
 

@@ -86,6 +86,28 @@ def test_pretrained_models_are_cached_by_recipe(tmp_path, monkeypatch):
     assert other.key() != recipe.key()
 
 
+def test_the_cache_key_follows_the_code_that_builds_the_model(tmp_path, monkeypatch):
+    # A cache keyed by the recipe alone kept serving models built by earlier code.
+    probe = tmp_path / "demo_build_probe.py"
+    probe.write_text("STEPS = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = pretrained_module.code_fingerprint(["demo_build_probe"], ["torch"])
+    assert pretrained_module.code_fingerprint(["demo_build_probe"], ["torch"]) == before
+    probe.write_text("STEPS = 2\n")
+    assert pretrained_module.code_fingerprint(["demo_build_probe"], ["torch"]) != before
+    assert pretrained_module.code_fingerprint([], ["torch"]) != pretrained_module.code_fingerprint([], [])
+
+    recipe = demo.Pretraining()
+    key = recipe.key()
+    monkeypatch.setattr(pretrained_module, "build_fingerprint", lambda: "other code")
+    assert recipe.key() != key
+    # Every module whose code the build runs is fingerprinted.
+    build_parts = (pretrained_module._build, pretrained_module.sft_dataset, pretrained_module.teacher_prompt,
+                   pretrained_module.build_model, pretrained_module.build_tokenizer, pretrained_module.get_task)
+    used = {part.__module__ for part in build_parts}
+    assert used <= set(pretrained_module.BUILD_MODULES)
+
+
 def test_corrupted_recipe_has_wrong_answers():
     rows = pretrained_module.sft_dataset(demo.Pretraining(tasks=("arithmetic",), num_examples=200,
                                                           corrupt_fraction=0.5))

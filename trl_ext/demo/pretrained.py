@@ -1,8 +1,9 @@
 """Tiny pretrained models for the demo world, trained once with TRL's SFTTrainer and cached on disk.
 
 A `Pretraining` recipe names everything that determines the weights (tasks, steps, seed, architecture, ...);
-its hash is the cache key, so a model is built once per recipe and machine and reused by every test, example
-and benchmark. Later methods add recipes, not machinery: a teacher good at another task, a teacher that is
+its hash, together with the source of the modules that build it and the versions of the libraries that train it
+(`build_fingerprint`), is the cache key, so a model is built once per recipe, code and machine and reused by every
+test, example and benchmark. Later methods add recipes, not machinery: a teacher good at another task, a teacher that is
 confidently wrong on some inputs (`corrupt_fraction`), or a model that reads a worked solution or the environment's
 feedback in its prompt (`privileged_fraction`: SFT rows whose prompt is the self-teacher's, from
 `trl_ext.pgpo.context.teacher_prompt`, showing the correct answer).
@@ -10,7 +11,9 @@ feedback in its prompt (`privileged_fraction`: SFT rows whose prompt is the self
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -27,7 +30,15 @@ from .models import TinyArchitecture, build_model
 from .tasks import Task, get_task, question_text
 from .tokenizer import build_tokenizer
 
-DEMO_VERSION = 2  # bump when the tokenizer, tasks or training code change what a recipe produces
+DEMO_VERSION = 2  # bump when something outside BUILD_MODULES and TRAINING_LIBRARIES changes what a recipe produces
+
+# What decides the weights a recipe trains into besides the recipe itself. Their source and versions are part of the
+# cache key: a cache keyed by the recipe alone kept serving models that earlier code had built, and benchmark
+# references started from models that the code of their own commit could not rebuild (benchmarks/README.md,
+# "Reproducibility"). An edit to one of these files (a comment too) rebuilds the demo models once.
+BUILD_MODULES = ("trl_ext.demo.pretrained", "trl_ext.demo.tasks", "trl_ext.demo.tokenizer", "trl_ext.demo.models",
+                 "trl_ext.pgpo.context")
+TRAINING_LIBRARIES = ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers")
 
 
 def cache_root() -> Path:
@@ -56,9 +67,32 @@ class Pretraining:
     def key(self) -> str:
         # The tasks' full settings, not just their names, determine the training data.
         tasks = [repr(get_task(name)) for name in self.tasks]
-        payload = json.dumps({"demo_version": DEMO_VERSION, "task_settings": tasks, **asdict(self)}, sort_keys=True)
+        payload = json.dumps({"demo_version": DEMO_VERSION, "build": build_fingerprint(), "task_settings": tasks,
+                              **asdict(self)}, sort_keys=True)
         name = "untrained" if self.steps == 0 else "-".join(self.tasks)
         return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def code_fingerprint(module_names, libraries=()) -> str:
+    """sha256 prefix of the named modules' source files and the installed versions of `libraries`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256()
+    for name in module_names:
+        digest.update(name.encode() + b"\0" + Path(importlib.import_module(name).__file__).read_bytes() + b"\0")
+    for library in libraries:
+        try:
+            installed = version(library)
+        except PackageNotFoundError:
+            installed = "absent"
+        digest.update(f"{library}=={installed}\0".encode())
+    return digest.hexdigest()[:12]
+
+
+@functools.cache
+def build_fingerprint() -> str:
+    """The fingerprint of BUILD_MODULES and TRAINING_LIBRARIES in this process (they do not change while it runs)."""
+    return code_fingerprint(BUILD_MODULES, TRAINING_LIBRARIES)
 
 
 def untrained(seed: int = 0, architecture: TinyArchitecture = TinyArchitecture()) -> Pretraining:
