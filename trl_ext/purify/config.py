@@ -121,8 +121,8 @@ class PurifiedDistillConfig(GRPOConfig):
         metadata={
             "help": "plackett_luce: similarity weights gamma^(1 + cos) (RouteLLM's form; it uses gamma = 10 on its "
             "embeddings). Larger = more local. 1000 is our choice [I]: with the n-gram router features, in tuning runs "
-            "of the purify benchmark (before its reference run) the in-domain student reward was 0.333 at 10 (level "
-            "with averaging), 0.387 at 100, 0.400 at 1000. "
+            "of the purify benchmark (previous demo world, before its reference run) the in-domain student "
+            "reward was 0.333 at 10 (level with averaging), 0.387 at 100, 0.400 at 1000. "
             "Must be > 1 (at 1 the weights are uniform)."
         },
     )
@@ -177,8 +177,8 @@ class PurifiedDistillConfig(GRPOConfig):
             "help": "rl_selection: initial weight theta of the evidence in the policy's logits. At 30 the policy starts "
             "by picking the teacher the evidence favours (a teacher at evidence 1 against one at 1/2: 15 nats of "
             "logit), and the improvement reward adjusts it from there; 0 starts uniform. Our choice [I]: in the "
-            "purify benchmark's tuning runs (4 seeds) the in-domain student reward was 0.20 at 0, 0.30 at 10, 0.36 at "
-            "30 (averaging 0.33)."
+            "purify benchmark's tuning runs (previous demo world, 4 seeds) the in-domain student reward was 0.20 "
+            "at 0, 0.30 at 10, 0.36 at 30 (averaging 0.33)."
         },
     )
 
