@@ -50,7 +50,11 @@ class ProRLConfig(GRPOConfig):
     )
     temperature: float = field(
         default=1.2,
-        metadata={"help": "Rollout sampling temperature. ProRL: 1.2, to delay entropy collapse [S]."},
+        metadata={
+            "help": "Rollout sampling temperature. ProRL: 1.2, to delay entropy collapse [S]. On the demo ProRL "
+            "benchmark 1.0 instead cut the final pass@1 from 0.80 to 0.44 (8 seeds, six ending near-deterministic "
+            "and mostly wrong)."
+        },
     )
     num_generations: int | None = field(
         default=16,
