@@ -25,10 +25,10 @@ by +-0.1, so only a mean difference of more than ~0.04 over 8 seeds means anythi
 - the reward-free mixture of the teachers' distributions log (1/K) sum_k pi_k(y): the student followed any teacher's
   mode (the reversal expert's letters on additions) and its reward collapsed;
 - this weighting (temperature 0.05, consensus where a prompt has no signal): -0.035 +- 0.017 against averaging over
-  seeds 0-7 (ahead on 2 of 8), that world's reference run; with equal weights instead of the consensus on prompts without a
-  signal, 0.327 against 0.333 on seeds 0-3, within noise; the consensus is kept because it is what a consolidating
-  reader without the answer does (router_accuracy cannot tell the two apart: it is measured on the prompts with a
-  signal, where both weigh by the signal);
+  seeds 0-7 (ahead on 2 of 8), that world's reference run; with equal weights instead of the consensus on prompts
+  without a signal, 0.327 against 0.333 on seeds 0-3, within noise; the consensus is kept because it is what a
+  consolidating reader without the answer does (router_accuracy cannot tell the two apart: it is measured on the
+  prompts with a signal, where both weigh by the signal);
 - temperature 0.5: +0.008 over seeds 0-7 (routing accuracy ~0.6, close to averaging);
 - weights proportional to each teacher's evidence above chance, max(e - 1/2, 0) (off-task and confidently wrong
   teachers get none): -0.001 over seeds 0-7;
