@@ -57,23 +57,28 @@ def versions() -> dict:
 
 
 def demo_world() -> dict:
-    """The CPU kernels torch dispatches to and a fingerprint of each demo model in the cache.
+    """The CPU kernels torch dispatches to and a fingerprint of each current demo model in the cache.
 
     The demo models are trained on the CPU at first use, and their weights depend on its vector instructions (the
     arithmetic self-teacher built with AVX2 kernels and with `ATEN_CPU_CAPABILITY=default` differs by up to 0.47 in a
     weight); a benchmark's results move with them. Two reports compare like for like only where the fingerprints of
-    the models they used agree (the recipe's name is in the key).
+    the models they used agree (the recipe's name is in the key). Entries that earlier code built under keys this code
+    no longer produces are counted, not listed: no run of this code can have used them.
     """
     import hashlib
 
     import torch
 
     from trl_ext.demo import cache_root
+    from trl_ext.demo.cache_inventory import current_models
 
-    models = {}
-    for weights in sorted(cache_root().glob("*/model.safetensors")):
-        models[weights.parent.name] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "models": models}
+    root = cache_root()
+    current = current_models(root)
+    models = {entry.name: hashlib.sha256((entry / "model.safetensors").read_bytes()).hexdigest()[:16]
+              for entry in current}
+    stale = sum(1 for _ in root.glob("*/model.safetensors")) - len(current)
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "models": models,
+            "stale_cache_entries_not_listed": stale}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -85,6 +90,19 @@ def parse_seeds(text: str) -> list[int]:
     if count < 1:
         raise argparse.ArgumentTypeError("--seeds needs at least one seed")
     return list(range(count))
+
+
+def paired_differences(differences) -> dict:
+    """Mean, standard error and sign count of per-seed differences (method minus baseline, same seed).
+
+    Pairing by seed removes what the seeds share (the initial model, the prompt order), so the standard error of the
+    differences is the one to judge a gap by, not the two unpaired spreads."""
+    import numpy as np
+
+    d = np.asarray(differences, dtype=float)
+    error = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "standard_error": error, "seeds_ahead": int((d > 0).sum()), "seeds": len(d),
+            "per_seed": d.tolist()}
 
 
 def round_floats(obj, digits: int = 6):

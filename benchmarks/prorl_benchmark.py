@@ -61,6 +61,7 @@ Writes `<out-dir>/prorl.json` and `<out-dir>/prorl.png` (default out-dir: benchm
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -83,7 +84,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._shared import (  # noqa: E402
-    map_in_processes, parse_seeds, quiet, round_floats, versions, worker_evaluator, write_json,
+    map_in_processes, paired_differences, parse_seeds, quiet, round_floats, versions, worker_evaluator, write_json,
 )
 
 RESULT_NAME = "prorl"
@@ -434,6 +435,8 @@ def summarize_runs(method: str, by_seed: dict) -> dict:
         "final_entropy": float(np.mean([f["entropy"] for f in finals])),
         "final_entropy_per_seed": [f["entropy"] for f in finals],
         "final_pass_at_1_per_seed": [f["pass_at_k"][0] for f in finals],
+        "final_pass_at_16_per_seed": [f["pass_at_k"][15] for f in finals],
+        "seeds": [int(seed) for seed in by_seed],
         "final_entropy_unsolved_prompts_per_seed": [f.get("entropy_unsolved_prompts") for f in finals],
         "final_reward": float(np.mean([f["reward"] for f in finals])),
         "steps": float(np.mean([r["steps"] for r in by_seed.values()])),
@@ -485,10 +488,14 @@ def targets(summary: dict, args) -> dict:
                 for h, p1 in zip(method["final_entropy_per_seed"], method["final_pass_at_1_per_seed"])]
 
     def higher(k: int) -> dict:
+        # The target compares means; the seed-paired difference says how far that comparison is from noise.
+        per_seed = f"final_pass_at_{k}_per_seed"
         return {
             "met": bool(prorl["final_pass_at_k"][k - 1] > grpo["final_pass_at_k"][k - 1]),
             "prorl": prorl["final_pass_at_k"][k - 1], "grpo": grpo["final_pass_at_k"][k - 1],
             "initial": initial["pass_at_k"][k - 1],
+            "prorl_minus_grpo_paired_by_seed": paired_differences(
+                [a - b for a, b in zip(prorl[per_seed], grpo[per_seed], strict=True)]),
             "prorl_learning_rate": prorl["learning_rate"], "grpo_learning_rate": grpo["learning_rate"],
             "at_each_learning_rate": {method: {lr: s["final_pass_at_k"][k - 1] for lr, s in by_lr[method].items()}
                                       for method in METHODS},
@@ -676,7 +683,26 @@ def run_jobs(jobs: list, workers: int, evaluator, log):
 # Config entries that may differ between saved runs that are merged: what ran (rates, seeds), how many at a time,
 # scoring flags re-applied here, and the prose descriptions of the methods and of pass@k.
 MERGEABLE_CONFIG = ("learning_rate", "learning_rates", "seeds", "workers", "entropy_floor", "solved_pass_at_1",
-                    "methods", "pass_at_k")
+                    "methods", "pass_at_k", "student", "student_weights_sha256")
+
+
+def weights_sha256(model_path: str | None) -> str | None:
+    """sha256 of a model directory's weights, or None when they are not on disk."""
+    weights = Path(model_path) / "model.safetensors" if model_path else None
+    if weights is None or not weights.is_file():
+        return None
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def same_student(config: dict, other: dict) -> bool:
+    """Whether two runs started from the same student: the same cache entry, or bit-identical weights under another
+    key (the key also hashes the code that builds the model, so an unrelated edit to that code renames an unchanged
+    model). Older reports hold no weights hash; theirs is read from the path while the entry is still cached."""
+    if config.get("student") == other.get("student"):
+        return True
+    mine = config.get("student_weights_sha256") or weights_sha256(config.get("student"))
+    theirs = other.get("student_weights_sha256") or weights_sha256(other.get("student"))
+    return mine is not None and mine == theirs
 
 
 def in_order(runs: dict) -> dict:
@@ -714,6 +740,8 @@ def rescore(paths: list[Path], out: Path, args) -> int:
         other, other_runs = load_runs(path)
         differing = sorted(k for k in set(fixed) | set(other["config"])
                            if k not in MERGEABLE_CONFIG and fixed.get(k) != other["config"].get(k))
+        if not same_student(report["config"], other["config"]):
+            differing.append("student (different weights, or unknown: not in the report and not cached)")
         if differing:
             raise SystemExit(f"--from-json: {path} was run with other settings ({', '.join(differing)}); "
                              f"only runs that differ in {MERGEABLE_CONFIG} can be merged")
@@ -735,6 +763,8 @@ def rescore(paths: list[Path], out: Path, args) -> int:
     initial = mean_initial([r["evals"][0] for by_lr in runs.values() for by_seed in by_lr.values()
                             for r in by_seed.values()])
     report["config"].pop("learning_rate", None)
+    if not report["config"].get("student_weights_sha256"):  # older reports: from the cache while it holds the student
+        report["config"]["student_weights_sha256"] = weights_sha256(report["config"].get("student"))
     report["config"].update(entropy_floor=args.entropy_floor, solved_pass_at_1=args.solved_pass_at_1,
                             learning_rates={m: sorted(float(lr) for lr in runs[m]) for m in METHODS},
                             seeds=sorted({int(seed) for by_lr in runs.values() for by_seed in by_lr.values()
@@ -781,7 +811,7 @@ def main(argv=None) -> int:
             "eval_prompts": args.eval_prompts,
             "eval_n": args.eval_n, "eval_temperature": args.eval_temperature, "entropy_floor": args.entropy_floor,
             "solved_pass_at_1": args.solved_pass_at_1, "workers": args.workers,
-            "quick": args.quick, "student": student,
+            "quick": args.quick, "student": student, "student_weights_sha256": weights_sha256(student),
             "methods": {
                 "grpo": "trl.GRPOTrainer, GRPOConfig defaults for the recipe (epsilon=0.2, beta=0, temperature=1.0, "
                         "loss_type='dapo'), same batch, learning-rate grid, constant schedule",

@@ -60,7 +60,7 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._shared import quiet, round_floats, versions, write_json  # noqa: E402
+from benchmarks._shared import paired_differences, quiet, round_floats, versions, write_json  # noqa: E402
 
 RESULT_NAME = "purify"
 # One thread: the demo models are tiny, and on a shared machine a spinning thread pool costs more than it gives.
@@ -462,14 +462,6 @@ def _last_tenth(rewards: list) -> float:
     return float(np.nanmean(np.asarray(rewards[-max(1, len(rewards) // 10):], dtype=float)))
 
 
-def _paired(differences: list[float]) -> dict:
-    """Mean, standard error and sign count of per-seed differences to averaging."""
-    d = np.asarray(differences, dtype=float)
-    error = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"mean": float(d.mean()), "standard_error": error, "seeds_ahead": int((d > 0).sum()), "seeds": len(d),
-            "per_seed": d.tolist()}
-
-
 def targets(report: dict, args) -> dict:
     training, out = report["training"], {}
     score = {c: r["final_greedy"] for c, r in training.items()}
@@ -488,9 +480,10 @@ def targets(report: dict, args) -> dict:
         seeds = list(training["none"]["per_seed"])
 
         def paired_minus_none(value) -> dict:
-            """Per purifier: `value(run)` minus averaging's, paired by seed (see _paired)."""
-            return {c: _paired([value(training[c]["per_seed"][seed]) - value(training["none"]["per_seed"][seed])
-                                for seed in seeds]) for c in purifiers}
+            """Per purifier: `value(run)` minus averaging's, paired by seed (see paired_differences)."""
+            baseline = training["none"]["per_seed"]
+            return {c: paired_differences([value(training[c]["per_seed"][seed]) - value(baseline[seed])
+                                           for seed in seeds]) for c in purifiers}
 
         beats = {c: score[c]["in_domain"] - score["none"]["in_domain"] for c in purifiers}
         entry = out["every_purifier_beats_naive_averaging"] = {

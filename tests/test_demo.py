@@ -1,6 +1,8 @@
 """The embedded offline world: tokenizer, tasks, rewards, cached pretrained models."""
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +108,24 @@ def test_the_cache_key_follows_the_code_that_builds_the_model(tmp_path, monkeypa
                    pretrained_module.build_model, pretrained_module.build_tokenizer, pretrained_module.get_task)
     used = {part.__module__ for part in build_parts}
     assert used <= set(pretrained_module.BUILD_MODULES)
+
+
+def test_the_cache_inventory_lists_only_models_the_current_code_builds(tmp_path, monkeypatch):
+    from trl_ext.demo import cache_inventory
+
+    recipe = demo.Pretraining(tasks=("reversal",), steps=0, seed=5)
+    current = Path(demo.pretrained_model(recipe, cache_dir=tmp_path))
+    assert cache_inventory.stored_recipe(current) == recipe
+    # The same recipe as earlier code keyed it: a leftover nothing asks for any more.
+    leftover = tmp_path / "reversal-000000000000"
+    shutil.copytree(current, leftover)
+    unreadable = tmp_path / "reversal-111111111111"  # a recipe file from a Pretraining with other fields
+    shutil.copytree(current, unreadable)
+    (unreadable / cache_inventory.RECIPE_FILE).write_text('{"tasks": ["reversal"], "retired_field": 1}')
+    assert cache_inventory.current_models(tmp_path) == [current]
+    # Under other build code the kept entry is a leftover too.
+    monkeypatch.setattr(pretrained_module, "build_fingerprint", lambda: "other code")
+    assert cache_inventory.current_models(tmp_path) == []
 
 
 def test_corrupted_recipe_has_wrong_answers():
