@@ -65,20 +65,25 @@ def demo_world() -> dict:
     the models they used agree (the recipe's name is in the key). Entries that earlier code built under keys this code
     no longer produces are counted, not listed: no run of this code can have used them.
     """
-    import hashlib
-
     import torch
 
-    from trl_ext.demo import cache_root
-    from trl_ext.demo.cache_inventory import current_models
+    from trl_ext.demo.cache_inventory import built_models, is_current
 
-    root = cache_root()
-    current = current_models(root)
-    models = {entry.name: hashlib.sha256((entry / "model.safetensors").read_bytes()).hexdigest()[:16]
-              for entry in current}
-    stale = sum(1 for _ in root.glob("*/model.safetensors")) - len(current)
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "models": models,
-            "stale_cache_entries_not_listed": stale}
+    built = built_models()
+    current = [entry for entry in built if is_current(entry)]
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "models": {entry.name: weights_sha256(entry)[:16] for entry in current},
+            "stale_cache_entries_not_listed": len(built) - len(current)}
+
+
+def weights_sha256(model_dir: str | Path | None) -> str | None:
+    """sha256 of a model directory's weights (`model.safetensors`), or None when they are not on disk."""
+    import hashlib
+
+    weights = Path(model_dir) / "model.safetensors" if model_dir else None
+    if weights is None or not weights.is_file():
+        return None
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -61,7 +61,6 @@ Writes `<out-dir>/prorl.json` and `<out-dir>/prorl.png` (default out-dir: benchm
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -84,7 +83,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._shared import (  # noqa: E402
-    map_in_processes, paired_differences, parse_seeds, quiet, round_floats, versions, worker_evaluator, write_json,
+    map_in_processes, paired_differences, parse_seeds, quiet, round_floats, versions, weights_sha256, worker_evaluator,
+    write_json,
 )
 
 RESULT_NAME = "prorl"
@@ -686,23 +686,20 @@ MERGEABLE_CONFIG = ("learning_rate", "learning_rates", "seeds", "workers", "entr
                     "methods", "pass_at_k", "student", "student_weights_sha256")
 
 
-def weights_sha256(model_path: str | None) -> str | None:
-    """sha256 of a model directory's weights, or None when they are not on disk."""
-    weights = Path(model_path) / "model.safetensors" if model_path else None
-    if weights is None or not weights.is_file():
-        return None
-    return hashlib.sha256(weights.read_bytes()).hexdigest()
+def student_weights(config: dict) -> str | None:
+    """The sha256 of a report's student weights: recorded, or (older reports hold none) read from the cache while it
+    still holds the student."""
+    return config.get("student_weights_sha256") or weights_sha256(config.get("student"))
 
 
 def same_student(config: dict, other: dict) -> bool:
     """Whether two runs started from the same student: the same cache entry, or bit-identical weights under another
     key (the key also hashes the code that builds the model, so an unrelated edit to that code renames an unchanged
-    model). Older reports hold no weights hash; theirs is read from the path while the entry is still cached."""
+    model). `config` has its hash filled in already."""
     if config.get("student") == other.get("student"):
         return True
-    mine = config.get("student_weights_sha256") or weights_sha256(config.get("student"))
-    theirs = other.get("student_weights_sha256") or weights_sha256(other.get("student"))
-    return mine is not None and mine == theirs
+    mine = config["student_weights_sha256"]
+    return mine is not None and mine == student_weights(other)
 
 
 def in_order(runs: dict) -> dict:
@@ -734,6 +731,7 @@ def rescore(paths: list[Path], out: Path, args) -> int:
         return {"file": str(path), **{k: saved.get(k) for k in ("command", "created", "runtime_seconds")}}
 
     report, runs = load_runs(paths[0])
+    report["config"]["student_weights_sha256"] = student_weights(report["config"])
     sources = [source(paths[0], report)]
     fixed = {k: v for k, v in report["config"].items() if k not in MERGEABLE_CONFIG}
     for path in paths[1:]:
@@ -763,8 +761,6 @@ def rescore(paths: list[Path], out: Path, args) -> int:
     initial = mean_initial([r["evals"][0] for by_lr in runs.values() for by_seed in by_lr.values()
                             for r in by_seed.values()])
     report["config"].pop("learning_rate", None)
-    if not report["config"].get("student_weights_sha256"):  # older reports: from the cache while it holds the student
-        report["config"]["student_weights_sha256"] = weights_sha256(report["config"].get("student"))
     report["config"].update(entropy_floor=args.entropy_floor, solved_pass_at_1=args.solved_pass_at_1,
                             learning_rates={m: sorted(float(lr) for lr in runs[m]) for m in METHODS},
                             seeds=sorted({int(seed) for by_lr in runs.values() for by_seed in by_lr.values()

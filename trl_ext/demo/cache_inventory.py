@@ -50,10 +50,14 @@ def is_current(entry: Path) -> bool:
         return False
 
 
-def current_models(root: str | Path | None = None) -> list[Path]:
-    """The built models in the cache (`root`, default `cache_root()`) that the current code would build under the
-    same key, sorted by name. Entries from earlier code, and staging directories of builds in progress, are left
-    out."""
+def built_models(root: str | Path | None = None) -> list[Path]:
+    """Every built model in the cache (`root`, default `cache_root()`), current or not, sorted by name; staging
+    directories of builds in progress (`.building-*`) are left out."""
     root = Path(root) if root is not None else cache_root()
-    entries = sorted(weights.parent for weights in root.glob("*/model.safetensors"))
-    return [entry for entry in entries if not entry.name.startswith(".") and is_current(entry)]
+    entries = (weights.parent for weights in root.glob("*/model.safetensors"))
+    return sorted(entry for entry in entries if not entry.name.startswith("."))
+
+
+def current_models(root: str | Path | None = None) -> list[Path]:
+    """The built models in the cache that the current code would build under the same key, sorted by name."""
+    return [entry for entry in built_models(root) if is_current(entry)]
